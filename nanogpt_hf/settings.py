@@ -1,0 +1,228 @@
+"""Typed settings: dataclasses, YAML recipes and `--key=value` overrides, with helpful errors and `--help`.
+
+Every command (train, sample, bench, prepare) describes its settings as one dataclass whose fields carry a help
+text (`setting(default, "help")`). `parse_command` turns `[POSITIONAL|RECIPE.yaml] [--key=value | --key value ...]`
+into an instance: YAML recipe first, then command-line overrides, every value checked against the field's type.
+Mistakes raise UserError with one line naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the help text shown by --help."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert_value(name: str, tp: Any, raw: Any) -> Any:
+    """Convert `raw` (a command-line string or a YAML value) to the field type `tp`, or raise UserError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", ""))):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert_value(name, arg, raw)
+            except UserError:
+                pass
+        raise UserError(f"setting '{name}' expects {_type_name(tp)}, got {raw!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if raw == choice or (isinstance(raw, str) and raw == str(choice)):
+                return choice
+        raise UserError(f"setting '{name}' must be one of {', '.join(map(str, choices))}; got {raw!r}")
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+                return raw.lower() in _TRUE
+            raise ValueError
+        if tp is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, float):
+                if raw != int(raw):
+                    raise ValueError
+                return int(raw)
+            if isinstance(raw, str):
+                raw = raw.replace("_", "")
+                value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+                if value != int(value):
+                    raise ValueError
+                return int(value)
+            return int(raw)
+        if tp is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)  # an int for a float setting is fine (nanoGPT's configurator rejects it)
+        if tp is str:
+            if isinstance(raw, (dict, list)):
+                raise ValueError
+            return str(raw)
+        if origin is list:
+            (item,) = typing.get_args(tp)
+            if isinstance(raw, str):
+                raw = [r for r in raw.split(",") if r]
+            return [convert_value(name, item, r) for r in raw]
+    except (TypeError, ValueError):
+        raise UserError(f"setting '{name}' expects {_type_name(tp)}, got {raw!r}") from None
+    return raw
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def unknown_setting(name: str, known: typing.Iterable[str]) -> UserError:
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    # a prefix or an abbreviation ('lr' for 'learning_rate') is a better hint than edit distance
+    if not close:
+        initials = {"".join(p[0] for p in k.split("_")): k for k in known}
+        close = [initials[name]] if name in initials else [k for k in known if k.startswith(name)][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown setting '{name}'{hint}; --help lists them all")
+
+
+def apply(obj: Any, values: dict[str, Any], source: str = "") -> Any:
+    """Return a copy of dataclass `obj` with `values` converted and applied; unknown names raise UserError."""
+    types_ = field_types(type(obj))
+    changes = {}
+    for name, raw in values.items():
+        key = name.replace("-", "_")
+        if key not in types_:
+            err = unknown_setting(key, types_)
+            raise UserError(f"{source}: {err}" if source else str(err))
+        changes[key] = convert_value(key, types_[key], raw)
+    return dataclasses.replace(obj, **changes)
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"recipe '{path}' does not exist; see recipes/ for the shipped ones")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UserError(f"recipe '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe '{path}' must be a mapping of setting: value")
+    return data
+
+
+def help_text(cls: type, prog: str, usage: str, description: str, epilog: str = "") -> str:
+    lines = [f"usage: {prog} {usage}", "", description.strip(), "", "settings (default, meaning):"]
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        lines.append(f"  --{f.name}={default!r}" if isinstance(default, str) else f"  --{f.name}={default}")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    if epilog:
+        lines += ["", epilog.strip()]
+    return "\n".join(lines)
+
+
+def parse_command(
+    cls: type,
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    positional: str | None = None,
+    recipes: bool = False,
+    epilog: str = "",
+) -> tuple[Any, list[str]]:
+    """Parse `argv` into an instance of `cls`.
+
+    positional: the field that takes a bare argument (e.g. prepare's source); recipes: a bare `*.yaml` argument is a
+    recipe whose values come before command-line overrides. Returns (settings, recipe paths used).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types_ = field_types(cls)
+    usage = ("[RECIPE.yaml] " if recipes else "") + (f"[{positional.upper()}] " if positional else "") + "[--key=value ...]"
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog, usage, description, epilog))
+        raise SystemExit(0)
+    recipe_paths, bare, overrides = [], [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            key = name.replace("-", "_")
+            if key not in types_:
+                raise unknown_setting(key, types_)
+            if not eq:
+                nxt = argv[i] if i < len(argv) else None
+                if types_[key] is bool and (nxt is None or nxt.lower() not in _TRUE | _FALSE):
+                    value = "true"  # a bare --flag switches a boolean on
+                elif nxt is None:
+                    raise UserError(f"setting '{key}' needs a value: --{key}=VALUE")
+                else:
+                    value, i = nxt, i + 1
+            overrides[key] = value
+        elif recipes and arg.endswith((".yaml", ".yml")):
+            recipe_paths.append(arg)
+        else:
+            bare.append(arg)
+    if bare:
+        if positional is None or len(bare) > 1:
+            raise UserError(f"unexpected argument '{bare[-1] if positional else bare[0]}'; settings are --key=value")
+        overrides.setdefault(positional, bare[0])
+    obj = cls()
+    for path in recipe_paths:
+        obj = apply(obj, load_recipe(path), source=path)
+    obj = apply(obj, overrides)
+    return obj, recipe_paths
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def save_yaml(obj: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(obj), fh, sort_keys=False)

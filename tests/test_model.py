@@ -1,0 +1,278 @@
+"""The model: nanoGPT's architecture as a native transformers model, and GPT-2 interoperability both ways."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+
+
+def tiny_config(**kw):
+    args = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=300, bos_token_id=1, eos_token_id=2)
+    args.update(kw)
+    return NanoGPTConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT2LMHeadModel saved by stock transformers (OpenAI's layout: Conv1D, tanh GELU)."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=300, n_positions=64, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(config)
+    # random LayerNorm parameters too, so that a swapped weight/bias would show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    path = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+def test_config_names_defaults_and_hf_aliases():
+    c = NanoGPTConfig()
+    assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd, c.dropout, c.bias) == (
+        1024, 50304, 12, 12, 768, 0.0, True)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.max_position_embeddings) == (768, 12, 12, 1024)
+    assert c.tie_word_embeddings and c.use_cache and c.activation_function == "gelu"
+    assert AutoConfig.for_model("nanogpt").__class__ is NanoGPTConfig
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(n_embd=100, n_head=3), "n_embd"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(activation_function="relu"), "activation_function"),
+    ],
+)
+def test_impossible_config_raises_value_error_naming_the_setting(kw, name):
+    with pytest.raises(ValueError, match=name):
+        NanoGPTConfig(**kw)
+
+
+def test_architecture_names_and_init_follow_nanogpt():
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config(n_layer=8, n_embd=256, vocab_size=2000, bias=False))
+    names = set(model.state_dict())
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.7.attn.c_attn.weight",
+            "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.weight", "lm_head.weight"} <= names
+    assert not any(n.endswith(".bias") for n in names)  # bias=False
+    assert model.lm_head.weight is model.transformer.wte.weight
+    h = model.transformer.h[0]
+    assert h.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert h.attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert h.mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert isinstance(h.mlp.gelu, torch.nn.Module) and model.config._attn_implementation == "sdpa"
+
+
+def test_num_params_excludes_position_embeddings():
+    model = NanoGPTForCausalLM(tiny_config())
+    total = sum(p.numel() for p in model.parameters())
+    assert model.get_num_params(non_embedding=False) == total
+    assert model.get_num_params() == total - 64 * 64
+
+
+def test_gpt2_124m_shape_has_nanogpt_parameter_count():
+    with torch.device("meta"):
+        model = NanoGPTForCausalLM(NanoGPTConfig(vocab_size=50257))
+    assert model.get_num_params() == 123_653_376  # nanoGPT prints "number of parameters: 123.65M" for gpt2
+
+
+def test_loss_from_labels_and_shift_labels_and_ignore_index():
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 16))
+    out = model(x, labels=x)
+    logits = out.logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300), x[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, ref, atol=1e-6)
+    assert out.loss.item() == pytest.approx(math.log(300), rel=0.05)  # ln(vocab) at init
+    # nanoGPT's (x, y) windows: targets already shifted
+    y = torch.randint(0, 300, (2, 16))
+    out2 = model(x, shift_labels=y)
+    assert torch.allclose(out2.loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 300), y.reshape(-1)), atol=1e-6)
+    labels = x.clone()
+    labels[:, :8] = -100
+    ref = torch.nn.functional.cross_entropy(logits[:, 7:-1].reshape(-1, 300), x[:, 8:].reshape(-1))
+    assert torch.allclose(model(x, labels=labels).loss, ref, atol=1e-6)
+
+
+def test_logits_to_keep():
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 10))
+    full = model(x).logits
+    assert torch.allclose(model(x, logits_to_keep=1).logits, full[:, -1:], atol=1e-6)
+
+
+def test_input_longer_than_block_size_is_a_clear_error():
+    model = NanoGPTForCausalLM(tiny_config(block_size=16))
+    with pytest.raises(ValueError, match="block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_crop_block_size():
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    x = torch.randint(0, 300, (1, 20))
+    before = model(x).logits
+    model.crop_block_size(32)
+    assert model.config.block_size == 32 and model.transformer.wpe.weight.shape == (32, 64)
+    assert torch.allclose(model(x).logits, before, atol=1e-6)
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_optimizer_groups_decay_only_2d_weights():
+    model = NanoGPTForCausalLM(tiny_config())
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.get_num_params(non_embedding=False)  # tied weight counted once
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_mfu_uses_given_peak():
+    model = NanoGPTForCausalLM(tiny_config())
+    flops = model.flops_per_token(64) * 64 * 10
+    assert model.estimate_mfu(10, 2.0, peak_flops=flops) == pytest.approx(0.5)
+
+
+def test_eager_and_sdpa_give_same_logits():
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 30))
+    sdpa = model(x).logits
+    model.set_attn_implementation("eager")
+    assert torch.allclose(model(x).logits, sdpa, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config())
+    x = torch.randint(0, 300, (2, 16))
+    model(x, labels=x).loss.backward()
+    ref = model.transformer.h[0].attn.c_attn.weight.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert torch.allclose(model.transformer.h[0].attn.c_attn.weight.grad, ref, atol=1e-6)
+
+
+def test_from_gpt2_equals_gpt2lmheadmodel(gpt2_dir):
+    gpt2 = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    model = NanoGPTForCausalLM.from_gpt2(str(gpt2_dir)).eval()
+    assert model.config.activation_function == "gelu_new"
+    torch.manual_seed(1)
+    x = torch.randint(0, 300, (3, 40))
+    assert (model(x).logits - gpt2(x).logits).abs().max().item() < 1e-5
+    prompt = x[:, :5]
+    ours = model.generate(prompt, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(prompt))
+    theirs = gpt2.generate(prompt, max_new_tokens=30, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(ours, theirs)
+
+
+def test_save_gpt2_round_trip_loads_in_stock_transformers(gpt2_dir, tmp_path):
+    gpt2 = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    NanoGPTForCausalLM.from_gpt2(str(gpt2_dir)).save_gpt2(tmp_path / "out")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is GPT2LMHeadModel
+    x = torch.randint(0, 300, (2, 30))
+    assert (back(x).logits - gpt2(x).logits).abs().max().item() < 1e-5
+
+
+def test_save_gpt2_of_a_biasless_model(tmp_path):
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config(bias=False)).eval()
+    model.save_gpt2(tmp_path)
+    gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 300, (2, 30))
+    assert (gpt2(x).logits - model(x).logits).abs().max().item() < 1e-5
+
+
+def test_from_gpt2_errors_are_one_clear_line(tmp_path):
+    with pytest.raises(OSError, match="cannot load a GPT-2 checkpoint from") as info:
+        NanoGPTForCausalLM.from_gpt2(str(tmp_path / "nope"))
+    assert "\n" not in str(info.value)
+    NanoGPTForCausalLM(tiny_config()).save_pretrained(tmp_path / "ours")
+    with pytest.raises(OSError, match="not GPT-2"):
+        NanoGPTForCausalLM.from_gpt2(str(tmp_path / "ours"))
+    with pytest.raises(OSError, match="cannot load a GPT-2 checkpoint from 'gpt2-nonexistent-id'"):
+        NanoGPTForCausalLM.from_gpt2("gpt2-nonexistent-id")  # offline in tests: fails at once
+
+
+def test_cached_and_uncached_generation_equal():
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(0, 300, (2, 6))
+    mask = torch.ones_like(prompt)
+    cached = model.generate(prompt, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    uncached = model.generate(prompt, attention_mask=mask, max_new_tokens=40, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    for kw in (dict(do_sample=True, top_k=20), dict(do_sample=True, top_p=0.9, temperature=0.8)):
+        torch.manual_seed(3)
+        a = model.generate(prompt, attention_mask=mask, max_new_tokens=30, **kw)
+        torch.manual_seed(3)
+        b = model.generate(prompt, attention_mask=mask, max_new_tokens=30, use_cache=False, **kw)
+        assert torch.equal(a, b)
+
+
+def test_beam_search_runs_with_cache():
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(0, 300, (2, 6))
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3,
+                         do_sample=False, eos_token_id=None)
+    assert out.shape == (2, 14)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_left_padded_batch_generates_like_each_prompt_alone(impl):
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    model.set_attn_implementation(impl)
+    prompts = [torch.randint(3, 300, (n,)) for n in (3, 9, 5)]
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=15,
+                               do_sample=False)
+        assert torch.equal(batch[i, L:], alone[0, len(p):])
+
+
+def test_auto_classes_and_remote_code_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "configuration_nanogpt.py",
+            "modeling_nanogpt.py"} <= files
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is NanoGPTForCausalLM
+    prompt = torch.randint(0, 300, (2, 5))
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    torch.save({"prompt": prompt, "expected": expected}, tmp_path / "ref.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert "nanogpt_hf" not in sys.modules, "the package was imported"
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+out = m.generate(ref["prompt"], attention_mask=torch.ones_like(ref["prompt"]), max_new_tokens=20, do_sample=False)
+assert torch.equal(out, ref["expected"]), "different tokens"
+print("OK", type(m).__module__)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "OK transformers_modules" in res.stdout
