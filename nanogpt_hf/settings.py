@@ -116,11 +116,10 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def unknown_setting(name: str, known: typing.Iterable[str]) -> UserError:
     known = list(known)
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    # a prefix or an abbreviation ('lr' for 'learning_rate') is a better hint than edit distance
-    if not close:
-        initials = {"".join(p[0] for p in k.split("_")): k for k in known}
-        close = [initials[name]] if name in initials else [k for k in known if k.startswith(name)][:1]
+    # an abbreviation ('lr' for 'learning_rate') or a prefix beats edit distance ('lr' is close to 'min_lr')
+    initials = {"".join(p[0] for p in k.split("_")): k for k in known}
+    close = [initials[name]] if name in initials else [k for k in known if k.startswith(name)][:1]
+    close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"unknown setting '{name}'{hint}; --help lists them all")
 
@@ -177,7 +176,8 @@ def parse_command(
     """Parse `argv` into an instance of `cls`.
 
     positional: the field that takes a bare argument (e.g. prepare's source); recipes: a bare `*.yaml` argument is a
-    recipe whose values come before command-line overrides. Returns (settings, recipe paths used).
+    recipe whose values come before command-line overrides. Returns (settings, explicit): explicit maps each setting
+    given by a recipe or on the command line to its final value (resume uses it to see what the user changed).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     types_ = field_types(cls)
@@ -197,9 +197,10 @@ def parse_command(
                 raise unknown_setting(key, types_)
             if not eq:
                 nxt = argv[i] if i < len(argv) else None
-                if types_[key] is bool and (nxt is None or nxt.lower() not in _TRUE | _FALSE):
+                is_bool = bool in (types_[key], *typing.get_args(types_[key]))
+                if is_bool and (nxt is None or nxt.lower() not in _TRUE | _FALSE):
                     value = "true"  # a bare --flag switches a boolean on
-                elif nxt is None:
+                elif nxt is None or nxt.startswith("--"):
                     raise UserError(f"setting '{key}' needs a value: --{key}=VALUE")
                 else:
                     value, i = nxt, i + 1
@@ -212,11 +213,14 @@ def parse_command(
         if positional is None or len(bare) > 1:
             raise UserError(f"unexpected argument '{bare[-1] if positional else bare[0]}'; settings are --key=value")
         overrides.setdefault(positional, bare[0])
-    obj = cls()
+    obj, explicit = cls(), {}
     for path in recipe_paths:
-        obj = apply(obj, load_recipe(path), source=path)
+        values = load_recipe(path)
+        obj = apply(obj, values, source=path)
+        explicit.update(values)
     obj = apply(obj, overrides)
-    return obj, recipe_paths
+    explicit.update(overrides)
+    return obj, {k: getattr(obj, k) for k in (name.replace("-", "_") for name in explicit)}
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -226,3 +230,66 @@ def to_dict(obj: Any) -> dict[str, Any]:
 def save_yaml(obj: Any, path: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(to_dict(obj), fh, sort_keys=False)
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """Every setting of nanoGPT's train.py (same names and defaults: the GPT-2 124M run on OpenWebText), plus ours."""
+
+    # I/O
+    out_dir: str = setting("out", "the run folder: the best (or latest) model as a save_pretrained folder, resumable "
+                                  "states in state/, metrics.jsonl, loss.png, train_config.yaml")
+    eval_interval: int = setting(2000, "evaluate train/val loss (and save) every this many steps")
+    log_interval: int = setting(1, "print a log line every this many steps")
+    eval_iters: int = setting(200, "batches per split for each evaluation (spread over all processes)")
+    eval_only: bool = setting(False, "evaluate once and exit (works with every init_from)")
+    always_save_checkpoint: bool = setting(True, "save the model at every evaluation, not only when val loss improves")
+    init_from: str = setting("scratch", "scratch | resume (continue out_dir) | gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                                        "| any GPT-2 or nanogpt_hf checkpoint folder or Hub id (finetuning)")
+    # trackers
+    wandb_log: bool = setting(False, "log to Weights & Biases (same as --log_with=wandb)")
+    wandb_project: str = setting("owt", "wandb project")
+    wandb_run_name: str = setting("gpt2", "wandb run name")
+    log_with: str = setting("", "trackers through accelerate: wandb, tensorboard (comma-separated); empty = none")
+    # data
+    dataset: str = setting("openwebtext", "a folder made by prepare.py, or a name under data_dir; the embedded "
+                                          "corpora shakespeare_char and shakespeare are prepared on first use")
+    data_dir: str = setting("data", "where dataset names are looked up (and the embedded corpora prepared)")
+    gradient_accumulation_steps: int = setting(40, "micro-batches per optimizer step over ALL processes (nanoGPT's "
+                                                   "meaning: each of N processes runs this/N); tokens per step = "
+                                                   "batch_size x gradient_accumulation_steps x block_size")
+    batch_size: int = setting(12, "sequences per micro-batch per process")
+    block_size: int = setting(1024, "context length (a checkpoint with a longer one is cropped)")
+    # model
+    n_layer: int = setting(12, "transformer blocks")
+    n_head: int = setting(12, "attention heads")
+    n_embd: int = setting(768, "embedding width")
+    dropout: float = setting(0.0, "dropout; 0 for pretraining, 0.1+ for finetuning")
+    bias: bool = setting(False, "biases in Linear and LayerNorm layers")
+    # optimizer
+    learning_rate: float = setting(6e-4, "max learning rate")
+    max_iters: int = setting(600000, "total optimizer steps")
+    weight_decay: float = setting(0.1, "AdamW weight decay (2-D weights only)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "clip gradients at this norm; 0 disables")
+    # learning rate schedule
+    decay_lr: bool = setting(True, "warmup then cosine decay; false keeps learning_rate constant")
+    warmup_iters: int = setting(2000, "linear warmup steps")
+    lr_decay_iters: int = setting(600000, "steps of cosine decay (nanoGPT: about max_iters)")
+    min_lr: float = setting(6e-5, "learning rate after decay (nanoGPT: about learning_rate / 10)")
+    # system
+    device: str = setting("auto", "auto (CUDA when present, else CPU) | cpu | cuda; accelerate places processes")
+    backend: str = setting("auto", "DDP backend: auto (accelerate: nccl on CUDA, gloo on CPU) | nccl | gloo")
+    dtype: str = setting("auto", "auto (bf16 where the GPU or CPU supports it, fp16 with loss scaling on older GPUs, "
+                                 "else float32) | bfloat16 | float16 | float32")
+    compile: bool | None = setting(None, "torch.compile the model; default: on for CUDA, off on CPU")
+    seed: int = setting(1337, "seed of initialisation, dropout and batches (batch = f(seed, step, index))")
+    # checkpoints
+    keep_states: int = setting(2, "resumable states kept in out_dir/state/ (the newest ones)")
+    sample_at_end: bool = setting(True, "print a short sample from the final model")
+    # Hub
+    push_to_hub: bool = setting(False, "upload checkpoints to the Hugging Face Hub")
+    hub_model_id: str = setting("", "Hub repository, e.g. user/nanogpt-shakespeare (default: out_dir's name)")
+    hub_private: bool = setting(False, "create the Hub repository as private")
+    hub_strategy: Literal["end", "best", "every_save"] = setting("end", "when to upload: end | best | every_save")

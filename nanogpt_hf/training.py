@@ -1,0 +1,433 @@
+"""The accelerate training loop: set up -> step -> evaluate -> save.
+
+nanoGPT's train.py, with accelerate doing the engineering (devices, DDP, mixed precision, state saving) and
+without nanoGPT's known defects: exactly max_iters steps, a final save, best_val_loss that only improves,
+eval_only on resume, exact resume (batches are a function of (seed, step, index); RNG and optimizer are saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from .checkpoint import latest_state, read_trainer_state, save_model_folder, save_state
+from .configuration_nanogpt import NanoGPTConfig
+from .data import check_compatible, eval_batch, open_dataset, sample_batch
+from .errors import UserError
+from .hardware import default_device, peak_flops, resolve_mixed_precision
+from .hub import write_model_card
+from .metrics import MetricsLog, perplexity, plot_losses
+from .modeling_nanogpt import NanoGPTForCausalLM
+from .settings import TrainSettings, parse_command, save_yaml
+
+
+def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,
+           decay_lr: bool = True) -> float:
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def train_step(accelerator, model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               lr: float, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over this process's micro-batches (x, y), nanoGPT style.
+
+    The loss of each micro-batch is divided by their number, so the gradient is that of the mean over all of them
+    (and, after DDP's all-reduce average, over all processes). Gradients are synchronised only on the last
+    micro-batch. Returns the mean loss of this process's micro-batches, detached, without a device sync.
+    """
+    micro_batches = list(micro_batches)
+    n = len(micro_batches)
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # set by hand: a prepared scheduler would step once per process
+    total = torch.zeros((), device=accelerator.device)
+    for i, (x, y) in enumerate(micro_batches):
+        sync = i == n - 1
+        with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
+            loss = model(input_ids=x, shift_labels=y, use_cache=False).loss / n
+        accelerator.backward(loss)
+        total += loss.detach()
+    if grad_clip > 0.0:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+
+# ---- set up -----------------------------------------------------------------------------------------------------
+
+EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
+GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
+DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from the defaults (nanoGPT's GPT-2 124M
+run), then RECIPE.yaml files, then --key=value overrides. With no arguments: the shakespeare_char_cpu demo.
+Tokens per optimizer step = batch_size x gradient_accumulation_steps x block_size, whatever the number of
+processes (each of N processes runs gradient_accumulation_steps / N micro-batches, as in nanoGPT)."""
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
+
+
+def resolve_dataset(s: TrainSettings, accelerator) -> str:
+    """The prepared folder for s.dataset; the embedded corpora are prepared on first use (by the main process)."""
+    path = s.dataset if os.path.isdir(s.dataset) or os.sep in s.dataset else os.path.join(s.data_dir, s.dataset)
+    name = os.path.basename(os.path.normpath(s.dataset))
+    if not os.path.isfile(os.path.join(path, "meta.json")) and name in EMBEDDED_DATASETS:
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                from .data import PrepareSettings, prepare
+
+                prepare(PrepareSettings(source="shakespeare", tokenizer=EMBEDDED_DATASETS[name], out=path))
+    if not os.path.isdir(path):
+        raise UserError(f"dataset '{s.dataset}' not found (looked for {path}); prepare it first: "
+                        f"python prepare.py SOURCE --out {path}")
+    return path
+
+
+def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
+    """The model for init_from=scratch | gpt2* | a checkpoint folder or Hub id (resume is handled by the caller)."""
+    if s.init_from == "scratch":
+        raise AssertionError("scratch models are built from the dataset's vocabulary")
+    try:
+        config = AutoConfig.from_pretrained(s.init_from)
+    except (OSError, ValueError) as exc:
+        hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"cannot load init_from '{s.init_from}': {str(exc).splitlines()[0]}{hint}") from None
+    try:
+        if config.model_type == "gpt2":
+            return NanoGPTForCausalLM.from_gpt2(s.init_from, dropout=s.dropout)
+        if config.model_type == "nanogpt":
+            return NanoGPTForCausalLM.from_pretrained(s.init_from, dropout=s.dropout, dtype=torch.float32)
+    except OSError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    raise UserError(f"init_from '{s.init_from}' is a {config.model_type!r} model; GPT-2 and nanogpt_hf are supported")
+
+
+def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfig:
+    # GPT-2 BPE: nanoGPT's 50304 (50257 padded to a multiple of 64: faster matmuls); characters: exactly the corpus'
+    if kind == "gpt2":
+        vocab_size = max(vocab_size, 50304)
+    eos = 50256 if kind == "gpt2" else None
+    return NanoGPTConfig(block_size=s.block_size, vocab_size=vocab_size, n_layer=s.n_layer, n_head=s.n_head,
+                         n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eos, eos_token_id=eos)
+
+
+def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> TrainSettings:
+    """Settings of a resumed run: the saved ones, with what the user set explicitly. Architecture changes are refused;
+    optimisation changes (learning_rate, max_iters, eval_interval, ...) are allowed and announced."""
+    saved = TrainSettings(**{k: v for k, v in read_trainer_state(state_dir)["settings"].items()
+                             if k in {f.name for f in dataclasses.fields(TrainSettings)}})
+    changed = {k: v for k, v in explicit.items() if k != "init_from" and getattr(saved, k) != v}
+    bad = [k for k in changed if k in ARCHITECTURE]
+    if bad:
+        k = bad[0]
+        raise UserError(f"cannot resume with {k}={changed[k]!r}: the run in {s.out_dir} was trained with "
+                        f"{k}={getattr(saved, k)!r}; start a new out_dir to change the architecture")
+    for k, v in changed.items():
+        log(f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}")
+    return dataclasses.replace(saved, **changed, init_from="resume", out_dir=s.out_dir)
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def estimate_loss(model, streams: dict, s: TrainSettings, accelerator) -> dict[str, float]:
+    """Mean loss over eval_iters fixed random batches per split, spread over all processes and gathered."""
+    model.eval()
+    out = {}
+    for split, stream in streams.items():
+        total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
+        for k in range(accelerator.process_index, s.eval_iters, accelerator.num_processes):
+            x, y = eval_batch(stream, seed=s.seed, k=k, batch_size=s.batch_size, block_size=s.block_size)
+            loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device), use_cache=False).loss
+            total[0] += loss.float()
+            total[1] += 1
+        total = accelerator.reduce(total, reduction="sum")
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the current step, save a resumable state, exit."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.endswith((".yaml", ".yml")) for a in args) and os.path.isfile(DEFAULT_RECIPE):
+        args.insert(0, DEFAULT_RECIPE)  # no recipe: the CPU Shakespeare demo
+    s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
+    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))]
+    return train(s, explicit, recipes)
+
+
+def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = ()) -> int:
+    """Run training (or evaluation with eval_only). explicit: the settings the user gave (see resume_settings)."""
+    explicit = explicit or {}
+    device_type = s.device if s.device != "auto" else default_device()
+    if device_type not in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda; got {s.device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
+    mixed_precision = resolve_mixed_precision(s.dtype, device_type)
+    trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with else [])
+    for t in trackers:
+        if t not in ("wandb", "tensorboard"):
+            raise UserError(f"log_with: unknown tracker '{t}'; use wandb and/or tensorboard")
+    handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" else []
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, log_with=trackers or None,
+                              project_dir=s.out_dir, kwargs_handlers=handlers)
+    log = accelerator.print
+
+    # --- where we start from
+    state_dir = None
+    if s.init_from == "resume":
+        state_dir = latest_state(s.out_dir)
+        if state_dir is None:
+            raise UserError(f"init_from=resume but {s.out_dir} holds no resumable state (state/step-N); "
+                            "train with init_from=scratch first")
+        s = resume_settings(s, explicit, state_dir, log)
+    for name in ("batch_size", "block_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
+                 "gradient_accumulation_steps"):
+        if getattr(s, name) < (0 if name == "max_iters" else 1):
+            raise UserError(f"setting '{name}' must be positive, got {getattr(s, name)}")
+    world = accelerator.num_processes
+    if s.gradient_accumulation_steps % world:
+        raise UserError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be divisible by the "
+                        f"number of processes ({world})")
+    accum = s.gradient_accumulation_steps // world
+    data_path = resolve_dataset(s, accelerator)
+    data = open_dataset(data_path)
+    streams = {split: data.stream(split) for split in ("train", "val")}
+
+    try:
+        if accelerator.is_main_process:
+            os.makedirs(s.out_dir, exist_ok=True)
+            probe = os.path.join(s.out_dir, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to out_dir {s.out_dir}: {exc.strerror}; choose a writable --out_dir") from None
+
+    set_seed(s.seed)  # the same initial weights on every process
+    if s.init_from in ("scratch", "resume"):
+        config = (NanoGPTConfig.from_pretrained(state_dir) if state_dir
+                  else scratch_config(s, data.vocab_size, data.tokenizer_kind))
+        model = NanoGPTForCausalLM(config)
+    else:
+        model = load_init_model(s)
+        if s.block_size < model.config.block_size:
+            model.crop_block_size(s.block_size)
+        elif s.block_size > model.config.block_size:
+            raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}")
+    check_compatible(data.meta, model.config.vocab_size, s.block_size)
+    if data.tokenizer_kind == "gpt2" and model.config.vocab_size < 50257:
+        raise UserError(f"the dataset uses GPT-2 BPE but the model has vocab_size {model.config.vocab_size}")
+    tokenizer = data.tokenizer()
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.bos_token_id = model.config.bos_token_id
+    model.train()
+
+    optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
+    compile_model = s.compile if s.compile is not None else device_type == "cuda"
+    if compile_model:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+
+    iter_num, best_val_loss, tokens_seen = 0, math.inf, 0
+    if state_dir:
+        accelerator.load_state(state_dir)  # weights, optimizer, RNG of every process
+        ts = read_trainer_state(state_dir)
+        iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
+        log(f"resumed from {state_dir} at step {iter_num} (best val loss {best_val_loss:.4f})")
+    else:
+        torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
+
+    tokens_per_iter = s.batch_size * s.gradient_accumulation_steps * s.block_size
+    log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
+        f"{world} process(es), mixed precision {mixed_precision}, compile {compile_model}")
+    log(f"data: {data_path} ({data.tokenizer_kind}, vocab {data.vocab_size}); tokens per iteration: "
+        f"{tokens_per_iter:,} = {s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches "
+        f"({accum} per process) x {s.block_size} block")
+
+    if s.eval_only:
+        losses = estimate_loss(model, streams, s, accelerator)
+        ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
+        log(f"eval: train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), "
+            f"val loss {losses['val']:.4f} (perplexity {ppl['val']:.2f})")
+        accelerator.end_training()
+        return 0
+
+    main = accelerator.is_main_process
+    if main:
+        save_yaml(s, os.path.join(s.out_dir, "train_config.yaml"))
+    metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
+        if main else None
+    if trackers:
+        accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(s),
+                                  init_kwargs={"wandb": {"name": s.wandb_run_name}})
+    peak = peak_flops(accelerator.device, mixed_precision)
+    card = {"settings": dataclasses.asdict(s), "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
+            "recipe": ", ".join(p for p in recipes) or None,
+            "base_model": s.init_from if s.init_from not in ("scratch", "resume") else None}
+
+    def save_model(losses: dict):
+        card.update(steps=iter_num, tokens_seen=tokens_seen, train_loss=losses["train"], val_loss=losses["val"],
+                    best_val_loss=best_val_loss)
+
+        def write(tmp):
+            raw_model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if os.path.isfile(os.path.join(s.out_dir, "loss.png")):
+                shutil.copy(os.path.join(s.out_dir, "loss.png"), tmp)  # the card shows it
+            write_model_card(tmp, card)
+
+        save_model_folder(write, s.out_dir)
+
+    def save_resumable():
+        save_state(accelerator, s.out_dir, iter_num, {
+            "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
+            "settings": dataclasses.asdict(s), "world_size": world}, keep=s.keep_states)
+        if main:
+            raw_model.config.to_json_file(os.path.join(latest_state(s.out_dir), "config.json"))
+
+    progress = tqdm(total=s.max_iters, initial=iter_num, desc="training", disable=not main, dynamic_ncols=True)
+    t0, last_log_iter, running_mfu = time.perf_counter(), iter_num, -1.0
+    exit_code = 0
+    with StopRequest() as stop:
+        while True:
+            # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
+            if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and (iter_num > 0 or not state_dir):
+                losses = estimate_loss(model, streams, s, accelerator)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise UserError(f"the loss became non-finite ({losses['val']}) at step {iter_num}; the last "
+                                    f"good checkpoint in {s.out_dir} is intact: lower learning_rate and resume")
+                ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
+                progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                               f"val perplexity {ppl['val']:.2f}") if main else None
+                event = {"type": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                         "train_ppl": ppl["train"], "val_ppl": ppl["val"], "tokens": tokens_seen}
+                if main:
+                    metrics.write(event)
+                    plot_losses(metrics.path, os.path.join(s.out_dir, "loss.png"))
+                if trackers:
+                    accelerator.log({f"eval/{k}": v for k, v in event.items() if k not in ("type", "iter")},
+                                    step=iter_num)
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])  # only ever improves
+                if iter_num > 0:
+                    if main and (improved or s.always_save_checkpoint):
+                        save_model(losses)
+                    save_resumable()
+                t0 = time.perf_counter()  # ms/iter measures training steps, not evaluation and saving
+            if iter_num >= s.max_iters:
+                break
+
+            lr = get_lr(iter_num, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr)
+            rank = accelerator.process_index
+            batches = [sample_batch(streams["train"], seed=s.seed, step=iter_num, index=j * world + rank,
+                                    batch_size=s.batch_size, block_size=s.block_size) for j in range(accum)]
+            batches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
+                       for x, y in batches]
+            loss = train_step(accelerator, model, optimizer, batches, lr, s.grad_clip)
+            iter_num += 1
+            tokens_seen += tokens_per_iter
+            progress.update(1)
+
+            if iter_num % s.log_interval == 0 or iter_num == s.max_iters:
+                loss = accelerator.reduce(loss, reduction="mean").item()  # the only per-log device sync
+                if not math.isfinite(loss):
+                    raise UserError(f"the loss became non-finite ({loss}) at step {iter_num}; the last good "
+                                    f"checkpoint in {s.out_dir} is intact: lower learning_rate and resume")
+                dt = (time.perf_counter() - t0) / (iter_num - last_log_iter)
+                t0, last_log_iter = time.perf_counter(), iter_num
+                event = {"type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+                         "tokens_per_s": tokens_per_iter / dt}
+                if peak:
+                    mfu = raw_model.estimate_mfu(s.batch_size * accum, dt, peak, seq_len=s.block_size)
+                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+                    event["mfu"] = running_mfu
+                if main:
+                    metrics.write(event)
+                    mfu_text = f", mfu {running_mfu * 100:.2f}%" if peak else ""
+                    progress.write(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+                                   f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                if trackers:
+                    accelerator.log({f"train/{k}": v for k, v in event.items() if k not in ("type", "iter")},
+                                    step=iter_num)
+
+            if _stop_requested(stop, accelerator):
+                save_resumable()
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal"
+                log(f"\nstopped by {name} after step {iter_num}; state saved in {latest_state(s.out_dir)}. "
+                    f"Resume with: python train.py ... --out_dir={s.out_dir} --init_from=resume")
+                exit_code = 130 if stop.signal == signal.SIGINT else 143
+                break
+    progress.close()
+    accelerator.end_training()
+    if exit_code == 0 and main and s.sample_at_end:
+        print_sample(s.out_dir)
+    return exit_code
+
+
+def _stop_requested(stop: StopRequest, accelerator) -> bool:
+    flag = torch.tensor(0.0 if stop.signal is None else 1.0, device=accelerator.device)
+    if accelerator.num_processes > 1:  # every process must stop at the same step
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag.item())
+
+
+def print_sample(out_dir: str, max_new_tokens: int = 300) -> None:
+    """A short sample from the saved model, loaded back from disk: proof that the checkpoint works."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .sampling import generate_text
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    text = generate_text(model, tokenizer, "\n", max_new_tokens=max_new_tokens, stop_at_eot=True)
+    print(f"---------- sample from {out_dir} ----------{text}\n" + "-" * 40)

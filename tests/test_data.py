@@ -1,0 +1,361 @@
+"""Data: prepare -> Arrow -> token stream gives tiktoken's ids exactly; windows are pure functions; errors are one line."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanogpt_hf import data
+from nanogpt_hf.cli import prepare_main
+from nanogpt_hf.data import (
+    PrepareSettings,
+    TokenStream,
+    check_compatible,
+    eval_batch,
+    open_dataset,
+    prepare,
+    sample_batch,
+    sequential_windows,
+)
+from nanogpt_hf.errors import UserError
+from nanogpt_hf.tokenization import GPT2_EOT, gpt2_encoding, load_tokenizer, tokenizer_kind
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TXT_A = "First document.\nIt has two lines, digits 12345 and spaces   here.\n"
+TXT_D = "Ünïcödé 日本語 😀\r\nwith a literal <|endoftext|> inside\n\n\nand blank lines"
+JSONL = [{"text": "json one: {'a': 1}", "id": 1}, {"text": "json two\twith tab", "id": 2}]
+PARQUET = ["parquet first  doc", "parquet second doc\n\n"]
+
+
+def expected_documents() -> list[str]:
+    # sorted file order: a.txt, b.jsonl, c.parquet, sub/d.txt; .txt read with universal newlines
+    return [TXT_A] + [r["text"] for r in JSONL] + PARQUET + [TXT_D.replace("\r\n", "\n")]
+
+
+def write_corpus(folder) -> str:
+    os.makedirs(folder / "sub", exist_ok=True)
+    (folder / "a.txt").write_text(TXT_A, encoding="utf-8")
+    (folder / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in JSONL), encoding="utf-8")
+    pq.write_table(pa.table({"text": PARQUET, "n": [1, 2]}), folder / "c.parquet")
+    (folder / "sub" / "d.txt").write_bytes(TXT_D.encode("utf-8"))
+    (folder / "notes.md").write_text("ignored: not a corpus format")
+    return str(folder)
+
+
+def stream_tokens(path: str, split: str) -> list[int]:
+    s = TokenStream(path, split)
+    return s.window(0, len(s)).tolist()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("prep") / "small")
+    return prepare(PrepareSettings(source=corpus, tokenizer="gpt2", out=out))
+
+
+@pytest.fixture(scope="module")
+def many_docs(tmp_path_factory):
+    """2,500 short documents: several Arrow record batches (chunks) per split."""
+    folder = tmp_path_factory.mktemp("many")
+    rows = [{"text": f"doc {i}: " + "word " * (i % 7)} for i in range(2500)]
+    (folder / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = prepare(PrepareSettings(source=str(folder / "docs.jsonl"), tokenizer="gpt2", out=str(folder / "prep")))
+    return out, [r["text"] for r in rows]
+
+
+def run_cli(capsys, *argv):
+    code = prepare_main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- prepare -> loader gives exactly tiktoken's ids ----------------------------------------------------------------
+
+
+def test_prepare_gives_tiktoken_ids_of_each_document_then_eot(prepared):
+    enc = gpt2_encoding()
+    expected = []
+    for doc in expected_documents():
+        expected += enc.encode_ordinary(doc) + [GPT2_EOT]
+    assert stream_tokens(prepared, "train") + stream_tokens(prepared, "val") == expected
+    meta = open_dataset(prepared, tokenizer_kind="gpt2").meta
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == len(expected)
+    assert meta["splits"]["val"]["tokens"] == round(len(expected) * 0.1)  # small corpus: the 10% tail
+    assert meta["vocab_size"] == 50257 and meta["tokenizer"] == "gpt2"
+
+
+def test_ids_are_uint16_on_disk(prepared):
+    assert open_dataset(prepared).meta["dtype"] == "uint16"
+    for arrow_file in glob.glob(os.path.join(prepared, "*", "*.arrow")):
+        with pa.memory_map(arrow_file) as source:
+            schema = pa.ipc.open_stream(source).schema
+        assert schema.field("ids").type == pa.list_(pa.uint16())
+    assert TokenStream(prepared, "train").chunks[0].dtype == np.uint16
+
+
+def test_tokenizer_saved_beside_the_data(prepared):
+    tok = load_tokenizer(prepared)
+    assert tokenizer_kind(tok) == "gpt2" and len(tok) == 50257
+
+
+def test_stream_is_zero_copy_and_crosses_chunks(many_docs):
+    out, docs = many_docs
+    enc = gpt2_encoding()
+    expected = np.array([t for d in docs for t in enc.encode_ordinary(d) + [GPT2_EOT]])
+    train, val = TokenStream(out, "train"), TokenStream(out, "val")
+    assert len(train.chunks) > 1  # several record batches
+    full = np.concatenate([train.window(0, len(train)), val.window(0, len(val))])
+    np.testing.assert_array_equal(full, expected)
+    # a window inside a chunk is a view of the memory-mapped file, not a copy
+    inner = train.window(1, 5)
+    assert np.shares_memory(inner, train.chunks[0])
+    boundary = int(train.offsets[1])
+    np.testing.assert_array_equal(train.window(boundary - 3, 7), expected[boundary - 3 : boundary + 4])
+
+
+def test_random_split_is_nanogpts(many_docs, tmp_path):
+    import datasets
+
+    _, docs = many_docs
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = prepare(PrepareSettings(source=str(src), out=str(tmp_path / "r"), val_split="random", val_fraction=0.01))
+    parts = datasets.Dataset.from_dict({"text": docs}).train_test_split(test_size=0.01, seed=2357, shuffle=True)
+    enc = gpt2_encoding()
+    for split, name in (("train", "train"), ("val", "test")):
+        expected = [t for d in parts[name]["text"] for t in enc.encode_ordinary(d) + [GPT2_EOT]]
+        assert stream_tokens(out, split) == expected
+    assert open_dataset(out).meta["splits"]["val"]["documents"] == 25
+
+
+def test_char_prepare_round_trips_the_corpus(corpus, tmp_path):
+    out = prepare(PrepareSettings(source=corpus, tokenizer="char", out=str(tmp_path / "c")))
+    text = "".join(expected_documents())
+    tok = load_tokenizer(out)
+    assert tokenizer_kind(tok) == "char" and len(tok) == len(set(text))
+    ids = stream_tokens(out, "train") + stream_tokens(out, "val")
+    assert ids == [sorted(set(text)).index(c) for c in text]
+    assert tok.decode(ids) == text
+    assert open_dataset(out, tokenizer_kind="char").vocab_size == len(set(text))
+
+
+def test_txt_paragraph_documents(tmp_path):
+    (tmp_path / "p.txt").write_text("one\ntwo\n\nthree\n\nfour")
+    out = prepare(PrepareSettings(source=str(tmp_path / "p.txt"), out=str(tmp_path / "o"), txt_documents="paragraph"))
+    meta = open_dataset(out).meta
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] - 1 == 3  # one doc is cut by the tail
+    enc = gpt2_encoding()
+    expected = [t for d in ["one\ntwo", "three", "four"] for t in enc.encode_ordinary(d) + [GPT2_EOT]]
+    assert stream_tokens(out, "train") + stream_tokens(out, "val") == expected
+
+
+def test_streaming_local_files(many_docs, tmp_path):
+    _, docs = many_docs
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = prepare(PrepareSettings(source=str(src), out=str(tmp_path / "s"), streaming=True, val_fraction=0.02))
+    meta = open_dataset(out).meta
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(docs)
+    assert 10 < meta["splits"]["val"]["documents"] < 100
+    enc = gpt2_encoding()
+    assert len(stream_tokens(out, "train")) + len(stream_tokens(out, "val")) == sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+
+
+# --- windows ---------------------------------------------------------------------------------------------------------
+
+
+def test_sample_batch_is_a_pure_function(many_docs):
+    out, _ = many_docs
+    train, val = TokenStream(out, "train"), TokenStream(out, "val")
+    kw = dict(batch_size=4, block_size=16)
+    x, y = sample_batch(train, seed=1, step=5, index=3, **kw)
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    x2, y2 = sample_batch(TokenStream(out, "train"), seed=1, step=5, index=3, **kw)  # a fresh process would agree
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    others = [sample_batch(train, seed=1, step=5, index=4, **kw), sample_batch(train, seed=1, step=6, index=3, **kw),
+              sample_batch(train, seed=2, step=5, index=3, **kw)]
+    assert all(not torch.equal(x, o[0]) for o in others)
+    # each row is a real window of the stream
+    full = torch.from_numpy(train.window(0, len(train)).astype(np.int64))
+    for row in x:
+        starts = [i for i in range(len(full) - 16) if torch.equal(full[i : i + 16], row)]
+        assert starts
+    # train and val draw different windows from the same seed (positions differ even if the data were equal)
+    rng_t = np.random.default_rng([1, train.salt, 0, 5, 3]).integers(0, 10**6, 4)
+    rng_v = np.random.default_rng([1, val.salt, 0, 5, 3]).integers(0, 10**6, 4)
+    assert not np.array_equal(rng_t, rng_v)
+
+
+def test_accumulation_equals_data_parallel_batches(many_docs):
+    """One process with G micro-batches sees the batches of W ranks with G/W each (index = j * W + r)."""
+    out, _ = many_docs
+    s = TokenStream(out, "train")
+    G, W = 4, 2
+    single = [sample_batch(s, seed=0, step=7, index=i, batch_size=2, block_size=8)[0] for i in range(G)]
+    ranks = {(j * W + r): sample_batch(s, seed=0, step=7, index=j * W + r, batch_size=2, block_size=8)[0]
+             for r in range(W) for j in range(G // W)}
+    assert all(torch.equal(single[i], ranks[i]) for i in range(G))
+
+
+def test_eval_batches_repeat_and_sequential_windows_cover(many_docs):
+    out, _ = many_docs
+    val = TokenStream(out, "val")
+    a = eval_batch(val, seed=0, k=2, batch_size=3, block_size=8)
+    b = eval_batch(val, seed=0, k=2, batch_size=3, block_size=8)
+    c = eval_batch(val, seed=0, k=3, batch_size=3, block_size=8)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    T = 8
+    xs, ys = zip(*sequential_windows(val, block_size=T, batch_size=5))
+    x, y = torch.cat(xs), torch.cat(ys)
+    n = (len(val) - 1) // T
+    assert x.shape == (n, T)
+    full = torch.from_numpy(val.window(0, len(val)).astype(np.int64))
+    assert torch.equal(y.flatten(), full[1 : n * T + 1])  # every target once, in order
+
+
+# --- re-running and atomicity -----------------------------------------------------------------------------------------
+
+
+def test_rerun_is_instant_and_says_so(corpus, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert run_cli(capsys, corpus, f"--out={out}")[0] == 0
+    mtime = os.path.getmtime(os.path.join(out, "meta.json"))
+    code, stdout, _ = run_cli(capsys, corpus, f"--out={out}")
+    assert code == 0 and "up to date" in stdout
+    assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+    # changed input -> prepared again
+    os.makedirs(tmp_path / "c2")
+    write_corpus(tmp_path / "c2")
+    (tmp_path / "c2" / "a.txt").write_text(TXT_A + "more\n")
+    code, stdout, _ = run_cli(capsys, str(tmp_path / "c2"), f"--out={out}")
+    assert code == 0 and "up to date" not in stdout and "prepared" in stdout
+
+
+def test_failed_run_leaves_previous_folder_intact(prepared, corpus, monkeypatch, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "copy")
+    shutil.copytree(prepared, out)
+    before = open(os.path.join(out, "meta.json")).read()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed ctrl-C after the data was written
+
+    monkeypatch.setattr(data, "_tokenizer_for", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareSettings(source=corpus, out=out, force=True))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(PrepareSettings(source=corpus, out=str(tmp_path / "fresh")))
+    assert open(os.path.join(out, "meta.json")).read() == before
+    assert stream_tokens(out, "train") == stream_tokens(prepared, "train")
+    assert not os.path.exists(tmp_path / "fresh")
+    assert sorted(os.listdir(tmp_path)) == ["copy"]  # no temporary folder left behind
+
+
+def test_stale_temporary_folders_are_removed(corpus, tmp_path):
+    stale = tmp_path / f".o.tmp-{2**22 + 1}"  # above Linux's pid_max: that process cannot exist
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    prepare(PrepareSettings(source=corpus, out=str(tmp_path / "o")))
+    assert not stale.exists()
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+# --- bad input: one clear line, exit 2, nothing damaged ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing.txt"], "does not exist"),
+        (["{tmp}/missing_dir/"], "does not exist"),
+        (["{tmp}/empty_dir"], "no files in folder"),
+        (["{tmp}/empty.txt"], "empty"),
+        (["{tmp}/empty.txt", "--tokenizer=char"], "empty"),
+        (["{corpus}/b.jsonl", "--text_column=body"], "text column 'body' does not exist; available columns: text, id"),
+        (["{corpus}/b.jsonl", "--text_column=id"], "not text"),
+        (["{tmp}/bad.jsonl"], "could not read"),
+        (["--val_fraction=1.5"], "val_fraction"),
+        (["--tokenizer=bpe"], "tokenizer"),
+        (["--tokenzier=char"], "did you mean 'tokenizer'"),
+        (["nobody/no-such-dataset"], "Hub"),
+        (["{corpus}", "--out={tmp}/not_ours"], "not a prepared dataset"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, corpus, tmp_path, capsys):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    (tmp_path / "not_ours").mkdir()
+    (tmp_path / "not_ours" / "precious.txt").write_text("keep me")
+    args = [a.format(tmp=tmp_path, corpus=corpus) for a in args]
+    code, _, err = run_cli(capsys, *args, f"--out={tmp_path}/out" if not any(a.startswith("--out") for a in args) else "--force=false")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out")
+    assert (tmp_path / "not_ours" / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_input_does_not_touch_an_existing_prepared_folder(prepared, tmp_path, capsys):
+    before = open(os.path.join(prepared, "meta.json")).read()
+    code, _, err = run_cli(capsys, str(tmp_path / "missing.txt"), f"--out={prepared}")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(capsys, os.path.join(os.path.dirname(prepared), "..", "nothing", "*.txt"), f"--out={prepared}")
+    assert code == 2
+    assert open(os.path.join(prepared, "meta.json")).read() == before
+
+
+def test_cli_subprocess_prints_one_line_without_traceback(tmp_path):
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "prepare.py"), str(tmp_path / "nope.txt")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT),
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: source '{tmp_path / 'nope.txt'}' does not exist"
+
+
+def test_open_dataset_and_training_checks(prepared, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        open_dataset(str(tmp_path / "nothing"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        open_dataset(str(tmp_path / "half"))
+    with pytest.raises(UserError, match="prepared with the gpt2 tokenizer but char"):
+        open_dataset(prepared, tokenizer_kind="char")
+    ds = open_dataset(prepared)
+    check_compatible(ds.meta, model_vocab_size=50304, block_size=4, tokenizer_kind="gpt2")
+    with pytest.raises(UserError, match="larger than the model's vocab_size"):
+        check_compatible(ds.meta, model_vocab_size=65, block_size=8)
+    with pytest.raises(UserError, match="fewer than block_size"):
+        check_compatible(ds, model_vocab_size=50304, block_size=1024)
+    with pytest.raises(UserError, match="char"):
+        check_compatible(ds, model_vocab_size=50304, block_size=8, tokenizer_kind="char")
+    with pytest.raises(UserError, match="fewer than block_size"):
+        sample_batch(ds.stream("val"), seed=0, step=0, index=0, batch_size=1, block_size=10_000)
+
+
+def test_embedded_corpus_default_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = prepare(PrepareSettings(tokenizer="char"))
+    assert out == os.path.join("data", "shakespeare_char")
+    meta = open_dataset(out, tokenizer_kind="char").meta
+    assert meta["vocab_size"] < 100 and meta["splits"]["train"]["tokens"] > 4_000_000
+    x, y = sample_batch(TokenStream(out, "train"), seed=0, step=0, index=0, batch_size=2, block_size=64)
+    assert int(x.max()) < meta["vocab_size"]

@@ -1,0 +1,311 @@
+"""train.py: settings, the accelerate loop against a plain PyTorch loop, checkpoints, resume, trackers, 2 processes."""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanogpt_hf import NanoGPTForCausalLM
+from nanogpt_hf.cli import train_main
+from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
+from nanogpt_hf.errors import UserError
+from nanogpt_hf.settings import TrainSettings, parse_command
+from nanogpt_hf.training import get_lr, scratch_config, train, train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps a process-wide singleton state."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    """A small character-level dataset prepared from the first 120 KB of the shipped Shakespeare."""
+    import json as _json
+    import lzma
+
+    root = tmp_path_factory.mktemp("data")
+    with lzma.open(os.path.join(ROOT, "nanogpt_hf", "assets", "shakespeare.jsonl.xz"), "rt") as fh:
+        text = _json.loads(fh.readline())["text"][:120_000]
+    (root / "play.txt").write_text(text)
+    return prepare(PrepareSettings(source=str(root / "play.txt"), tokenizer="char", out=str(root / "char")))
+
+
+def tiny(data, out_dir, **kw):
+    """A run small enough for a test: 2 layers, 32 wide, block 32, float32 on CPU."""
+    base = dict(dataset=data, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
+                gradient_accumulation_steps=1, max_iters=6, eval_interval=3, eval_iters=2, log_interval=1,
+                learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, lr_decay_iters=6, dtype="float32", device="cpu",
+                compile=False, sample_at_end=False, dropout=0.0)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def metrics(out_dir, kind):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [e for e in map(json.loads, fh) if e["type"] == kind]
+
+
+# ---- settings ---------------------------------------------------------------------------------------------------
+
+
+def test_settings_have_nanogpt_names_and_defaults():
+    s = TrainSettings()
+    assert (s.batch_size, s.block_size, s.gradient_accumulation_steps, s.learning_rate, s.max_iters) == (
+        12, 1024, 40, 6e-4, 600000)
+    assert (s.weight_decay, s.beta1, s.beta2, s.grad_clip, s.warmup_iters, s.min_lr) == (0.1, 0.9, 0.95, 1.0, 2000, 6e-5)
+    assert (s.eval_interval, s.eval_iters, s.log_interval, s.always_save_checkpoint, s.bias) == (2000, 200, 1, True, False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr=1"], "unknown setting 'lr' (did you mean 'learning_rate'?)"),
+    (["--max_iters=ten"], "setting 'max_iters' expects an integer, got 'ten'"),
+    (["--decay_lr=maybe"], "setting 'decay_lr' expects true or false"),
+    (["--hub_strategy=sometimes"], "setting 'hub_strategy' must be one of end, best, every_save"),
+    (["missing.yaml"], "recipe 'missing.yaml' does not exist"),
+])
+def test_bad_settings_are_one_clear_line(argv, message, capsys):
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_int_for_float_setting_and_both_flag_styles():
+    s, explicit = parse_command(TrainSettings, ["--learning_rate=1", "--max_iters", "7", "--compile"], "t", "")
+    assert s.learning_rate == 1.0 and isinstance(s.learning_rate, float) and s.max_iters == 7 and s.compile is True
+    assert explicit == {"learning_rate": 1.0, "max_iters": 7, "compile": True}
+
+
+def test_help_lists_every_setting_with_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainSettings):
+        assert f"--{f.name}=" in out
+    assert "--learning_rate=0.0006" in out and "tokens per step" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))))
+def test_every_shipped_recipe_is_valid(recipe):
+    s, explicit = parse_command(TrainSettings, [recipe], "t", "", recipes=True)
+    assert explicit, "a recipe sets something"
+    assert s.out_dir.startswith("out/")
+
+
+def test_lr_schedule_is_nanogpts():
+    args = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
+    assert get_lr(0, **args) == pytest.approx(1e-3 * 1 / 11)
+    assert get_lr(9, **args) == pytest.approx(1e-3 * 10 / 11)
+    assert get_lr(10, **args) == pytest.approx(1e-3)
+    assert get_lr(55, **args) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert get_lr(100, **args) == pytest.approx(1e-4) and get_lr(500, **args) == 1e-4
+    assert get_lr(5, decay_lr=False, **args) == 1e-3
+
+
+# ---- the step and the loop ----------------------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_4x3_equals_1x12(char_data):
+    from accelerate import Accelerator
+
+    stream = open_dataset(char_data).stream("train")
+    x, y = sample_batch(stream, seed=0, step=0, index=0, batch_size=12, block_size=32)
+    results = []
+    for chunks in (1, 4):
+        torch.manual_seed(0)
+        model = NanoGPTForCausalLM(scratch_config(tiny(char_data, "unused"), stream.vocab_size, "char"))
+        # SGD: the update is the (clipped) gradient itself; Adam's first step is ~lr * sign(grad), which turns
+        # float rounding in near-zero gradients into lr-sized differences
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        acc = Accelerator(cpu=True, mixed_precision="no")
+        model, opt = acc.prepare(model, opt)
+        micro = list(zip(x.chunk(chunks), y.chunk(chunks)))
+        loss = train_step(acc, model, opt, micro, lr=1.0, grad_clip=1.0)
+        results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_loop_equals_a_plain_pytorch_loop(char_data, tmp_path):
+    """Same initial weights and batches: our accelerate loop and a hand-written AdamW loop end equal (1e-5)."""
+    s = tiny(char_data, tmp_path / "out", gradient_accumulation_steps=2, max_iters=5, eval_interval=5, grad_clip=0.5)
+    assert train(s) == 0
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+
+    torch.manual_seed(s.seed)
+    model = NanoGPTForCausalLM(scratch_config(s, open_dataset(char_data).vocab_size, "char"))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate, betas=(s.beta1, s.beta2))
+    stream = open_dataset(char_data).stream("train")
+    for it in range(s.max_iters):
+        for g in opt.param_groups:
+            g["lr"] = get_lr(it, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters)
+        for j in range(2):
+            x, y = sample_batch(stream, seed=s.seed, step=it, index=j, batch_size=s.batch_size, block_size=s.block_size)
+            logits = model(input_ids=x).logits
+            (torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    for name, p in model.state_dict().items():
+        if name != "lm_head.weight":  # tied: saved once, as transformer.wte.weight
+            assert torch.allclose(ours[name], p, atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_short_run_learns_saves_and_loads_in_a_fresh_process(char_data, tmp_path):
+    out = tmp_path / "out"
+    s = tiny(char_data, out, n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=12, max_iters=120,
+             eval_interval=60, eval_iters=10, learning_rate=3e-3, lr_decay_iters=120, warmup_iters=10,
+             always_save_checkpoint=False)
+    assert train(s) == 0
+    evals = metrics(out, "eval")
+    assert [e["iter"] for e in evals] == [0, 60, 120]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(open_dataset(char_data).vocab_size), rel=0.05)  # loss at init ~ ln(vocab)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]), rel=1e-6)
+    assert len(metrics(out, "train")) == 120
+    for name in ("loss.png", "train_config.yaml", "README.md", "tokenizer.json", "config.json", "model.safetensors"):
+        assert (out / name).exists(), name
+    code = f"""
+import nanogpt_hf  # registers the model type; without it, trust_remote_code=True loads the copied model code
+from transformers import pipeline
+pipe = pipeline("text-generation", model={str(out)!r})
+text = pipe("ROMEO:", max_new_tokens=40, do_sample=True)[0]["generated_text"]
+assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 40, text
+print("OK")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    assert "not supported" not in res.stderr
+
+
+def test_best_val_loss_only_improves_and_model_is_the_best(char_data, tmp_path):
+    # a learning rate that makes training diverge after the first evaluation: the saved model must stay the best
+    s = tiny(char_data, tmp_path / "out", max_iters=6, eval_interval=2, always_save_checkpoint=False)
+    assert train(s) == 0
+    from nanogpt_hf.checkpoint import latest_state, read_trainer_state
+
+    evals = metrics(tmp_path / "out", "eval")
+    best = min(e["val_loss"] for e in evals)
+    assert read_trainer_state(latest_state(str(tmp_path / "out")))["best_val_loss"] == best
+
+
+def test_resume_is_exact(char_data, tmp_path):
+    straight = tiny(char_data, tmp_path / "a", max_iters=6, eval_interval=3, dropout=0.1)
+    assert train(straight) == 0
+    from accelerate.state import AcceleratorState
+
+    first = tiny(char_data, tmp_path / "b", max_iters=3, eval_interval=3, dropout=0.1)
+    assert train(first) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = dataclasses.replace(first, max_iters=6, init_from="resume")
+    assert train(resumed, explicit={"max_iters": 6, "init_from": "resume"}) == 0
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["loss"] for e in metrics(tmp_path / "a", "train")] == [e["loss"] for e in metrics(tmp_path / "b", "train")]
+
+
+def test_resume_refuses_architecture_changes(char_data, tmp_path):
+    assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(UserError, match="cannot resume with n_layer=4"):
+        train(tiny(char_data, tmp_path, n_layer=4, init_from="resume"), explicit={"n_layer": 4})
+
+
+def test_eval_only_from_a_checkpoint_folder(char_data, tmp_path, capsys):
+    assert train(tiny(char_data, tmp_path / "run", max_iters=3, eval_interval=3)) == 0
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    s = tiny(char_data, tmp_path / "eval", init_from=str(tmp_path / "run"), eval_only=True)
+    assert train(s) == 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "perplexity" in out
+    assert not (tmp_path / "eval" / "model.safetensors").exists()
+
+
+def test_finetune_from_a_local_gpt2_with_block_size_cropped(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)).save_pretrained(tmp_path / "gpt2")
+    text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 200)
+    (tmp_path / "c.txt").write_text(text)
+    data = prepare(PrepareSettings(source=str(tmp_path / "c.txt"), tokenizer="gpt2", out=str(tmp_path / "bpe")))
+    s = tiny(data, tmp_path / "ft", init_from=str(tmp_path / "gpt2"), block_size=16, max_iters=2, eval_interval=2,
+             learning_rate=3e-5, decay_lr=False)
+    assert train(s) == 0
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["block_size"] == 16 and cfg["activation_function"] == "gelu_new" and cfg["vocab_size"] == 50257
+
+
+def test_wandb_offline_tracker(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert train(tiny(char_data, tmp_path / "out", wandb_log=True, max_iters=2, eval_interval=2)) == 0
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))
+
+
+def test_two_processes_match_one_process(char_data, tmp_path):
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2: the ranks end with identical weights,
+    and their losses equal a one-process run with the same global batch (2 micro-batches) within 1e-5."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import nanogpt_hf.training as T\n"
+        "seen = {}\n"
+        "class Recording(T.Accelerator):\n"
+        "    def prepare(self, *args):\n"
+        "        out = super().prepare(*args)\n"
+        "        seen['acc'], seen['model'] = self, out[0]\n"
+        "        return out\n"
+        "T.Accelerator = Recording\n"
+        "code = T.main(sys.argv[1:])\n"
+        "acc = seen['acc']\n"
+        "sd = acc.unwrap_model(seen['model']).state_dict()\n"
+        "torch.save(sd, f\"{sys.argv[-1].split('=')[1]}/rank{acc.process_index}.pt\")\n"
+        "sys.exit(code)\n"
+    )
+    args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4",
+            "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
+            "--dtype=float32", "--device=cpu", "--sample_at_end=false"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = tmp_path / "two"
+    res = subprocess.run(launch + [str(script), *args, f"--out_dir={two}"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = tmp_path / "one"
+    res = subprocess.run([sys.executable, str(script), *args, f"--out_dir={one}"], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
+    assert all(torch.allclose(r0[k], single[k], atol=1e-5) for k in r0)
+    losses_two = [e["loss"] for e in metrics(two, "train")]
+    losses_one = [e["loss"] for e in metrics(one, "train")]
+    assert len(losses_two) == 4 and losses_two == pytest.approx(losses_one, abs=1e-5)
+    assert metrics(two, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
