@@ -28,7 +28,7 @@ from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError
 from .hardware import default_device, peak_flops, resolve_mixed_precision
-from .hub import write_model_card
+from .hub import HubPusher, write_model_card
 from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .settings import TrainSettings, parse_command, save_yaml
@@ -314,6 +314,11 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             "recipe": ", ".join(p for p in recipes) or None,
             "base_model": s.init_from if s.init_from not in ("scratch", "resume") else None}
 
+    hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
+    pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
+    if pusher:
+        card["repo_id"] = hub_id
+
     def save_model(losses: dict):
         card.update(steps=iter_num, tokens_seen=tokens_seen, train_loss=losses["train"], val_loss=losses["val"],
                     best_val_loss=best_val_loss)
@@ -361,6 +366,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 if iter_num > 0:
                     if main and (improved or s.always_save_checkpoint):
                         save_model(losses)
+                        if pusher:  # uploads in the background; a failure prints one line and training goes on
+                            pusher.on_save(s.out_dir, f"step {iter_num}: val loss {losses['val']:.4f}", improved)
                     save_resumable()
                 t0 = time.perf_counter()  # ms/iter measures training steps, not evaluation and saving
             if iter_num >= s.max_iters:
@@ -408,6 +415,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 exit_code = 130 if stop.signal == signal.SIGINT else 143
                 break
     progress.close()
+    if pusher:
+        pusher.finish(s.out_dir, f"end of training, step {iter_num}")
     accelerator.end_training()
     if exit_code == 0 and main and s.sample_at_end:
         print_sample(s.out_dir)

@@ -309,3 +309,35 @@ def test_two_processes_match_one_process(char_data, tmp_path):
     losses_one = [e["loss"] for e in metrics(one, "train")]
     assert len(losses_two) == 4 and losses_two == pytest.approx(losses_one, abs=1e-5)
     assert metrics(two, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
+
+
+def test_push_to_hub_from_training_uploads_and_survives_failure(char_data, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: repo_id)
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, commit_message, **kw:
+                        commits.append((repo_id, sorted(op.path_in_repo for op in operations), commit_message)))
+    s = tiny(char_data, tmp_path / "out", max_iters=2, eval_interval=2, push_to_hub=True, hub_model_id="me/tiny")
+    assert train(s) == 0
+    (repo, files, message), = commits
+    assert repo == "me/tiny" and "end of training" in message
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "loss.png"} <= set(files)
+    assert not any(f.startswith("state") for f in files)
+    assert "me/tiny" in (tmp_path / "out" / "README.md").read_text()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    def offline(self, *a, **kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(HfApi, "create_commit", offline)
+    capsys.readouterr()
+    s = tiny(char_data, tmp_path / "out2", max_iters=2, eval_interval=2, push_to_hub=True, hub_model_id="me/tiny",
+             hub_strategy="every_save")
+    assert train(s) == 0  # training goes on and ends normally
+    err = capsys.readouterr().err
+    assert "me/tiny" in err and "Traceback" not in err
+    assert (tmp_path / "out2" / "model.safetensors").exists()
