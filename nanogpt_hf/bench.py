@@ -14,7 +14,9 @@ Three modes (`python bench.py --mode=...`, or `accelerate launch bench.py ...` f
   the same model from the same prompt; the tokens must be identical. Beyond block_size both condition on the same
   sliding window (sampling.py's policy: the context is cropped to 3/4 block_size when full); nanoGPT's own window
   is always full (block_size), so its per-token cost is, if anything, higher than the reference loop's here: the
-  printed speed-up is conservative.
+  printed speed-up is conservative. Both run the same model in the same dtype (sample.py's: the model cast to it).
+  In bf16 the full recompute gains more from fast matmuls than one-token decoding does, so the speed-up is smaller
+  than in float32 (nanoGPT itself samples in float32 on CPU).
 
 Defaults follow the device: on a GPU nanoGPT's bench (GPT-2 124M: 12 layers, 12 heads, 768 wide, block 1024, batch
 12, vocab 50304, bf16, compile); on CPU a model that steps in well under a second (the shakespeare_char shape at
@@ -59,11 +61,11 @@ class BenchSettings:
     data: str = setting("", "a prepared dataset folder (prepare.py) for real batches; empty: fixed random tokens")
     init_from: str = setting("", "generate mode: a checkpoint folder (or gpt2...) instead of a random model")
     dtype: str = setting("auto", "auto, bfloat16, float16 or float32 (auto: bf16 where supported, else fp32)")
-    compile: bool | None = setting(None, "torch.compile the model (default: on for CUDA, off on CPU)")
+    compile: bool | None = setting(None, "train/overhead: torch.compile the model (default: on for CUDA, off on CPU)")
     device: str = setting("auto", "auto, cpu or cuda")
     warmup: int | None = setting(None, "untimed steps first (default: 10 on GPU, 2 on CPU)")
     iters: int | None = setting(None, "timed steps (default: 20 on GPU, 5 on CPU); per side and repeat in overhead")
-    repeats: int = setting(5, "overhead mode: interleaved repeats of both loops")
+    repeats: int = setting(4, "overhead mode: repeats * iters steps of each loop, interleaved one by one")
     max_new_tokens: int = setting(500, "generate mode: tokens to generate")
     profile: str = setting("", "train mode: write a torch.profiler trace of a few extra steps into this folder")
     seed: int = setting(1337, "seed for the weights and the data")
@@ -143,6 +145,18 @@ def data_vocab_size(s: BenchSettings) -> BenchSettings:
     return dataclasses.replace(s, vocab_size=50304 if vocab == 50257 else vocab)
 
 
+def dtype_name(precision: str) -> str:
+    return str(hardware.torch_dtype(precision)).removeprefix("torch.")
+
+
+def time_step(step, i: int, device: torch.device) -> tuple[float, float]:
+    """(milliseconds, loss) of step(i), timed until the loss is on the host."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    loss = step(i).item()
+    return (time.perf_counter() - t0) * 1000, loss
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -196,22 +210,22 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> dict:
         step(i).item()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for i in range(s.iters):
-        loss = step(i)
-    loss = loss.item()  # waits for the last step
-    dt = (time.perf_counter() - t0) / s.iters
-
+    # one sync per step (nanoGPT's loss.item() at log_interval=1): the median of the steps resists machine noise
+    times, losses = zip(*(time_step(step, i, device) for i in range(s.iters)))
+    dt, loss = statistics.median(times) / 1000, losses[-1]
     tokens = s.batch_size * s.block_size * accum
     world = accelerator.num_processes
     mfu = raw.estimate_mfu(s.batch_size * accum, dt, peak, s.block_size) if peak else None
     result = dict(ms_per_iter=dt * 1000, tokens_per_s=tokens / dt, tokens_per_s_total=tokens * world / dt,
                   mfu=mfu, peak_flops=peak, loss=loss)
     peak_txt = f"{peak / 1e12:.2f} TFLOP/s" if peak else "unknown"
-    log(f"{dt * 1000:.1f} ms/iter | {tokens / dt:,.0f} tokens/s per process, {tokens * world / dt:,.0f} in total "
+    log(f"{dt * 1000:.1f} ms/iter (median of {s.iters}) | {tokens / dt:,.0f} tokens/s per process, "
+        f"{tokens * world / dt:,.0f} in total "
         f"| MFU {f'{mfu * 100:.1f}%' if mfu is not None else 'n/a'} of {peak_txt} ({device.type} {precision} peak) "
         f"| peak memory {peak_memory(device)} | loss {loss:.3f}")
+    if mfu is not None and mfu > 1:
+        # on CPU the peak is measured at start-up: another busy process then makes it too low
+        log("warning: MFU above 100%: the peak measurement was disturbed (a busy machine?); rerun on a quiet one")
     if s.profile:
         profile_steps(s.profile, step, device)
         log(f"profiler trace written to {s.profile}/ (tensorboard --logdir {s.profile}, or open the .json in Perfetto)")
@@ -224,7 +238,7 @@ def profile_steps(folder: str, step, device: torch.device) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=3),
-                 on_trace_ready=tensorboard_trace_handler(folder), record_shapes=True, with_stack=False) as prof:
+                 on_trace_ready=tensorboard_trace_handler(folder), record_shapes=True, acc_events=True) as prof:
         for i in range(4):
             step(i).item()
             prof.step()
@@ -295,24 +309,21 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
     for name, loop in loops.items():
         for i in range(1, s.warmup):
             loop(i).item()
+    # step by step, alternating who goes first: machine noise (other processes, clock changes) then hits both
+    # loops alike, where blocks of steps would hand one side a quiet period and the other a busy one
     times = {name: [] for name in loops}
-    for r in range(s.repeats):
-        order = list(loops) if r % 2 == 0 else list(reversed(loops))  # alternate who goes first
-        for name in order:
-            synchronize(device)
-            t0 = time.perf_counter()
-            for i in range(s.iters):
-                loss = loops[name](i)
-            loss.item()
-            times[name].append((time.perf_counter() - t0) / s.iters * 1000)
+    for r in range(s.repeats * s.iters):
+        for name in (list(loops) if r % 2 == 0 else list(reversed(loops))):
+            times[name].append(time_step(loops[name], r, device)[0])
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = med["accelerate"] / med["plain"]
     log(f"overhead bench: {raw.get_num_params() / 1e6:.2f}M parameters, block {s.block_size}, batch {s.batch_size} "
         f"x {accum}, {accelerator.num_processes} process(es) on {device}, mixed precision {precision}, "
-        f"compile {s.compile}, {s.repeats} repeats x {s.iters} steps")
+        f"compile {s.compile}, {s.repeats * s.iters} interleaved steps each")
     log(f"first-step loss: accelerate {first['accelerate']:.6f}, plain {first['plain']:.6f}")
     for name in loops:
-        log(f"{name:>10}: median {med[name]:.1f} ms/iter  (repeats: {', '.join(f'{t:.1f}' for t in times[name])})")
+        q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else times[name] * 3
+        log(f"{name:>10}: median {med[name]:.1f} ms/iter (quartiles {q[0]:.1f} .. {q[2]:.1f})")
     log(f"ratio accelerate / plain: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target within 5%)")
     return dict(ms_accelerate=med["accelerate"], ms_plain=med["plain"], ratio=ratio, first_loss=first)
 
@@ -327,14 +338,13 @@ def generate_full_recompute(model, idx: torch.Tensor, max_new_tokens: int) -> to
     The context is cropped with sampling.generate_ids's window (see the module docstring), so that both produce the
     same tokens past block_size too. Returns the new tokens (B, max_new_tokens).
     """
-    from .sampling import KEEP_FRACTION, block_size_of
+    from .sampling import block_size_of, window_keep
 
     block_size = block_size_of(model)
-    keep = max(1, int(block_size * KEEP_FRACTION))
     start, prompt_len = 0, idx.shape[1]
     for _ in range(max_new_tokens):
         if idx.shape[1] - start >= block_size:  # window full: slide it, as generate_ids does
-            start = idx.shape[1] - keep
+            start = idx.shape[1] - window_keep(block_size)
         logits = model(idx[:, start:], use_cache=False, logits_to_keep=1).logits[:, -1, :]
         idx_next = torch.argmax(logits, dim=-1, keepdim=True)
         idx = torch.cat((idx, idx_next), dim=1)
@@ -379,10 +389,13 @@ def run_generate(s: BenchSettings, device_type: str, precision: str) -> dict:
     same = torch.equal(cached, full)
     first_diff = None if same else int((cached != full).nonzero()[0, 1])
     speedup = t_full / t_cached
-    cfg = model.config
-    print(f"generate bench: {model.get_num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, {cfg.n_embd} wide, "
-          f"block {cfg.block_size}, vocab {cfg.vocab_size}) on {device}, {precision}, greedy, {n} new tokens "
-          f"from a 1-token prompt")
+    from .sampling import block_size_of
+
+    cfg = model.config  # generic names: --init_from may be a stock GPT-2 checkpoint
+    n_params = getattr(model, "get_num_params", model.num_parameters)()  # nanoGPT counts without wpe
+    print(f"generate bench: {n_params / 1e6:.2f}M parameters ({cfg.num_hidden_layers} layers, "
+          f"{cfg.hidden_size} wide, block {block_size_of(model)}, vocab {cfg.vocab_size}) on {device}, "
+          f"{dtype_name(precision)}, greedy, {n} new tokens from a 1-token prompt")
     print(f"KV cache (model.generate): {n / t_cached:,.1f} tokens/s ({t_cached:.2f} s)")
     print(f"full recompute (nanoGPT):  {n / t_full:,.1f} tokens/s ({t_full:.2f} s)")
     print(f"speed-up: {speedup:.1f}x | same tokens: "

@@ -14,11 +14,14 @@ What differs from nanoGPT's sample.py, and why:
   thus predicted from at least 3/4 * block_size (at most block_size) previous tokens; nanoGPT always uses exactly
   block_size but pays a full forward per token for it. With a context that fits, the tokens are exactly nanoGPT's.
 - nanoGPT never stops at <|endoftext|>; neither do we unless --stop_at_eot.
+- The model runs in the chosen dtype itself (bf16 weights, not fp32 weights under autocast as nanoGPT does on GPU;
+  nanoGPT samples in fp32 on CPU): sampling needs no fp32 master copy, and one-token decoding is bound by memory
+  traffic and per-op latency, which bf16 weights halve and autocast's per-call casts add to. dtype auto is
+  hardware.py's choice, as for training: bf16 where the device has it (this CPU: AVX-512 BF16), else fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -82,6 +85,14 @@ def block_size_of(model) -> int:
     return int(model.config.max_position_embeddings)
 
 
+def window_keep(block_size: int) -> int:
+    """How many recent tokens the sliding window keeps when the context is full (see the module docstring)."""
+    keep = min(int(block_size * KEEP_FRACTION), block_size - 1)
+    if keep < 1:
+        raise UserError(f"cannot generate past a block_size of {block_size}: the window needs at least 2 positions")
+    return keep
+
+
 def generation_kwargs(tokenizer, temperature: float = 0.8, top_k: int = 200, top_p: float = 1.0,
                       repetition_penalty: float = 1.0, greedy: bool = False, stop_at_eot: bool = False) -> dict:
     """Arguments for model.generate. Every value is explicit: generate fills unset (None) ones from the model's
@@ -123,7 +134,6 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     re-prefill, repeat (see the module docstring). The prompt must already fit in block_size.
     """
     block_size = block_size_of(model)
-    keep = max(1, int(block_size * KEEP_FRACTION))
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = gen_kwargs.get("eos_token_id") or []
@@ -133,6 +143,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     remaining = max_new_tokens
     while remaining > 0:
         if ids.shape[1] >= block_size:  # context full: slide the window
+            keep = window_keep(block_size)
             ids, mask = ids[:, -keep:], mask[:, -keep:]
         n = min(remaining, block_size - ids.shape[1])
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=0,
@@ -216,9 +227,11 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise UserError(f"'{source}' is not a checkpoint folder (no config.json); train one or set --init_from")
+        from safetensors import SafetensorError
+
         try:
             model = AutoModelForCausalLM.from_pretrained(source)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: truncated or corrupt weights
             raise UserError(f"cannot load the checkpoint in '{source}': {str(exc).splitlines()[0]}") from None
         return model, tokenization.load_tokenizer(source)
     if init_from == "resume" or source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -286,6 +299,18 @@ def _printing_streamer(tokenizer, skip_special_tokens: bool = False):
     return Printer(tokenizer, skip_prompt=True, skip_special_tokens=skip_special_tokens)
 
 
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(hardware.default_device() if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible; use --device=cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"device '{name}' is not supported; use auto, cpu or cuda")
+    return device
+
+
 def compile_kwargs(device: torch.device) -> dict:
     """--compile: a static cache lets generate compile one decoding step and reuse it (transformers does the rest)."""
     from transformers import CompileConfig
@@ -300,10 +325,14 @@ def main(argv: list[str] | None = None) -> None:
                          description="Generate text from a trained nanogpt_hf model (nanoGPT's sample.py options).")
     check_settings(s)
     prompt = read_prompt(s.start)
-    device = torch.device(hardware.default_device() if s.device == "auto" else s.device)
+    # a command's output is its samples (and errors on one line): no "Loading weights" progress bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    device = resolve_device(s.device)
     precision = hardware.resolve_mixed_precision(s.dtype, device.type)
     model, tokenizer = load_model_and_tokenizer(s.init_from, s.out_dir)
-    # sampling needs no fp32 master weights: the model runs in the chosen dtype (faster than autocast here)
+    # sampling needs no fp32 master weights: the model runs in the chosen dtype (see the module docstring)
     model.to(device=device, dtype=hardware.torch_dtype(precision)).eval()
     ids = encode_prompt(tokenizer, prompt, block_size_of(model), model.config.vocab_size)
 
@@ -330,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         input_ids = torch.tensor([ids], device=device)
         if s.stream:
             print(prompt, end="", flush=True)
-            generate_ids(model, input_ids, None, s.max_new_tokens, streamer=_printing_streamer(tokenizer, s.stop_at_eot), **kwargs)
+            streamer = _printing_streamer(tokenizer, skip_special_tokens=s.stop_at_eot)
+            generate_ids(model, input_ids, None, s.max_new_tokens, streamer=streamer, **kwargs)
             print()
         else:
             new = generate_ids(model, input_ids, None, s.max_new_tokens, **kwargs)
