@@ -41,6 +41,7 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import lzma
 import os
 import shutil
@@ -179,6 +180,9 @@ def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming
         kwargs = {}
         if builder == "text":  # one document per file, or per blank-line-separated paragraph
             kwargs["sample_by"] = "paragraph" if cfg.txt_documents == "paragraph" else "document"
+        quiet = logging.getLogger("datasets")  # its parsers log the traceback we turn into one line below
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
             ds = datasets.load_dataset(
                 builder, data_files=group, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs
@@ -186,6 +190,8 @@ def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming
         except Exception as exc:  # a user's file that does not parse: say which and why, no traceback
             others = " (or another of its group)" if len(group) > 1 else ""
             raise UserError(f"could not read {group[0]}{others}: {_reason(exc)}") from None
+        finally:
+            quiet.setLevel(level)
         parts.append(ds)
     if len(parts) == 1:
         return parts[0]
