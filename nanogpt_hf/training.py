@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import shutil
@@ -20,10 +21,12 @@ from typing import Iterable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from .checkpoint import latest_state, read_trainer_state, save_model_folder, save_state
+from .checkpoint import (discard_states, latest_state, read_trainer_state, save_model_folder, save_state,
+                         state_dirs)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError
@@ -84,6 +87,7 @@ DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come f
 run), then RECIPE.yaml files, then --key=value overrides. With no arguments: the shakespeare_char_cpu demo.
 Tokens per optimizer step = batch_size x gradient_accumulation_steps x block_size, whatever the number of
 processes (each of N processes runs gradient_accumulation_steps / N micro-batches, as in nanoGPT)."""
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 
 
@@ -117,8 +121,8 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
             return NanoGPTForCausalLM.from_gpt2(s.init_from, dropout=s.dropout)
         if config.model_type == "nanogpt":
             return NanoGPTForCausalLM.from_pretrained(s.init_from, dropout=s.dropout, dtype=torch.float32)
-    except OSError as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or corrupt weights; bad dropout
+        raise UserError(f"cannot load init_from '{s.init_from}': {str(exc).splitlines()[0]}") from None
     raise UserError(f"init_from '{s.init_from}' is a {config.model_type!r} model; GPT-2 and nanogpt_hf are supported")
 
 
@@ -127,8 +131,11 @@ def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfi
     if kind == "gpt2":
         vocab_size = max(vocab_size, 50304)
     eos = 50256 if kind == "gpt2" else None
-    return NanoGPTConfig(block_size=s.block_size, vocab_size=vocab_size, n_layer=s.n_layer, n_head=s.n_head,
-                         n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eos, eos_token_id=eos)
+    try:
+        return NanoGPTConfig(block_size=s.block_size, vocab_size=vocab_size, n_layer=s.n_layer, n_head=s.n_head,
+                             n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eos, eos_token_id=eos)
+    except ValueError as exc:  # e.g. n_embd not divisible by n_head
+        raise UserError(f"impossible model shape: {str(exc).splitlines()[0]}") from None
 
 
 def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> TrainSettings:
@@ -136,7 +143,7 @@ def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> Tr
     optimisation changes (learning_rate, max_iters, eval_interval, ...) are allowed and announced."""
     saved = TrainSettings(**{k: v for k, v in read_trainer_state(state_dir)["settings"].items()
                              if k in {f.name for f in dataclasses.fields(TrainSettings)}})
-    changed = {k: v for k, v in explicit.items() if k != "init_from" and getattr(saved, k) != v}
+    changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
     bad = [k for k in changed if k in ARCHITECTURE]
     if bad:
         k = bad[0]
@@ -145,6 +152,22 @@ def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> Tr
     for k, v in changed.items():
         log(f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}")
     return dataclasses.replace(saved, **changed, init_from="resume", out_dir=s.out_dir)
+
+
+def restart_settings(s: TrainSettings, explicit: dict, log) -> TrainSettings:
+    """init_from=resume in an out_dir whose run was stopped before its first checkpoint (it wrote train_config.yaml,
+    but no state yet): that run again from step 0, with its settings and what the user set explicitly."""
+    from .settings import apply, load_recipe
+
+    path = os.path.join(s.out_dir, "train_config.yaml")
+    saved = apply(TrainSettings(), load_recipe(path), source=path) if os.path.isfile(path) else None
+    if saved is None or saved.init_from == "resume":
+        raise UserError(f"init_from=resume but {s.out_dir} holds no resumable state (state/step-N); "
+                        "train with init_from=scratch first")
+    log(f"{s.out_dir} holds no resumable state yet (its run stopped before the first checkpoint): "
+        f"starting that run again from step 0")
+    changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir")}
+    return dataclasses.replace(saved, **changed, out_dir=s.out_dir)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -196,22 +219,44 @@ class StopRequest:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.endswith((".yaml", ".yml")) for a in args) and os.path.isfile(DEFAULT_RECIPE):
-        args.insert(0, DEFAULT_RECIPE)  # no recipe: the CPU Shakespeare demo
     s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
+    # no recipe: the CPU Shakespeare demo; but not for a resume, whose settings are the saved ones (the demo's
+    # values would count as explicit changes and refuse any run with another architecture)
+    if (not any(a.endswith((".yaml", ".yml")) for a in args) and os.path.isfile(DEFAULT_RECIPE)
+            and s.init_from != "resume"):
+        args.insert(0, DEFAULT_RECIPE)
+        s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
     recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))]
-    return train(s, explicit, recipes)
+    try:
+        return train(s, explicit, recipes)
+    except OSError as exc:  # disk full or no permission while writing logs or plots (saves say it themselves)
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(f"{exc.strerror}{where}; the last checkpoint in {s.out_dir} is intact: free some space or "
+                        f"fix the permissions, then resume with --init_from=resume") from None
 
 
 def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = ()) -> int:
     """Run training (or evaluation with eval_only). explicit: the settings the user gave (see resume_settings)."""
     explicit = explicit or {}
+    # --- where we start from: a resumed run's settings are the saved ones (device, dtype, ... included)
+    notes, state_dir = [], None
+    if s.init_from == "resume":
+        state_dir = latest_state(s.out_dir)
+        if state_dir is None:
+            s = restart_settings(s, explicit, notes.append)  # killed before its first checkpoint: start it again
+        else:
+            s = resume_settings(s, explicit, state_dir, notes.append)
     device_type = s.device if s.device != "auto" else default_device()
     if device_type not in ("cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda; got {s.device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
-    mixed_precision = resolve_mixed_precision(s.dtype, device_type)
+    # the width decides whether bf16 pays on a CPU; a checkpoint's width is unknown until it loads (and is >= 768
+    # for every GPT-2)
+    width = s.n_embd if s.init_from in ("scratch", "resume") else None
+    mixed_precision = resolve_mixed_precision(s.dtype, device_type, width)
     trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with else [])
     for t in trackers:
         if t not in ("wandb", "tensorboard"):
@@ -220,15 +265,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, log_with=trackers or None,
                               project_dir=s.out_dir, kwargs_handlers=handlers)
     log = accelerator.print
-
-    # --- where we start from
-    state_dir = None
-    if s.init_from == "resume":
-        state_dir = latest_state(s.out_dir)
-        if state_dir is None:
-            raise UserError(f"init_from=resume but {s.out_dir} holds no resumable state (state/step-N); "
-                            "train with init_from=scratch first")
-        s = resume_settings(s, explicit, state_dir, log)
+    for note in notes:
+        log(note)
     for name in ("batch_size", "block_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
                  "gradient_accumulation_steps"):
         if getattr(s, name) < (0 if name == "max_iters" else 1):
@@ -277,12 +315,16 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
-    iter_num, best_val_loss, tokens_seen = 0, math.inf, 0
+    iter_num, best_val_loss, tokens_seen, evaluated = 0, math.inf, 0, False
     if state_dir:
         accelerator.load_state(state_dir)  # weights, optimizer, RNG of every process
         ts = read_trainer_state(state_dir)
         iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
+        evaluated = ts.get("evaluated", False)  # saved right after this step's evaluation: do not repeat it
         log(f"resumed from {state_dir} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        if ts.get("world_size", world) != world:
+            log(f"note: the state was saved by {ts['world_size']} process(es), this run has {world}: it continues, "
+                f"but not exactly as the interrupted run would have (batches and dropout are drawn per process)")
     else:
         torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
 
@@ -298,11 +340,14 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
         log(f"eval: train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), "
             f"val loss {losses['val']:.4f} (perplexity {ppl['val']:.2f})")
-        accelerator.end_training()
+        _end(accelerator)
         return 0
 
     main = accelerator.is_main_process
     if main:
+        if not state_dir and state_dirs(s.out_dir):  # a new run in an old out_dir: its states would outrank ours
+            log(f"a new run in {s.out_dir}: removing the previous run's resumable states")
+            discard_states(s.out_dir)
         save_yaml(s, os.path.join(s.out_dir, "train_config.yaml"))
     metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
         if main else None
@@ -332,24 +377,22 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
         save_model_folder(write, s.out_dir)
 
-    def save_resumable():
+    def save_resumable(evaluated: bool):
         save_state(accelerator, s.out_dir, iter_num, {
-            "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
-            "settings": dataclasses.asdict(s), "world_size": world}, keep=s.keep_states)
-        if main:
-            raw_model.config.to_json_file(os.path.join(latest_state(s.out_dir), "config.json"))
+            "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "evaluated": evaluated,
+            "settings": dataclasses.asdict(s), "world_size": world}, keep=s.keep_states,
+            write=lambda tmp: raw_model.config.to_json_file(os.path.join(tmp, "config.json")))
 
     progress = tqdm(total=s.max_iters, initial=iter_num, desc="training", disable=not main, dynamic_ncols=True)
     t0, last_log_iter, running_mfu = time.perf_counter(), iter_num, -1.0
     exit_code = 0
-    with StopRequest() as stop:
+    with StopRequest() as stop, progress:  # closing the bar first puts an error message on a line of its own
         while True:
             # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
-            if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and (iter_num > 0 or not state_dir):
+            if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and not (state_dir and evaluated):
                 losses = estimate_loss(model, streams, s, accelerator)
                 if not all(math.isfinite(v) for v in losses.values()):
-                    raise UserError(f"the loss became non-finite ({losses['val']}) at step {iter_num}; the last "
-                                    f"good checkpoint in {s.out_dir} is intact: lower learning_rate and resume")
+                    raise non_finite(losses["val"], iter_num, s.out_dir)
                 ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
                 progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                                f"val perplexity {ppl['val']:.2f}") if main else None
@@ -368,7 +411,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                         save_model(losses)
                         if pusher:  # uploads in the background; a failure prints one line and training goes on
                             pusher.on_save(s.out_dir, f"step {iter_num}: val loss {losses['val']:.4f}", improved)
-                    save_resumable()
+                    save_resumable(evaluated=True)
                 t0 = time.perf_counter()  # ms/iter measures training steps, not evaluation and saving
             if iter_num >= s.max_iters:
                 break
@@ -387,8 +430,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             if iter_num % s.log_interval == 0 or iter_num == s.max_iters:
                 loss = accelerator.reduce(loss, reduction="mean").item()  # the only per-log device sync
                 if not math.isfinite(loss):
-                    raise UserError(f"the loss became non-finite ({loss}) at step {iter_num}; the last good "
-                                    f"checkpoint in {s.out_dir} is intact: lower learning_rate and resume")
+                    raise non_finite(loss, iter_num, s.out_dir)
                 dt = (time.perf_counter() - t0) / (iter_num - last_log_iter)
                 t0, last_log_iter = time.perf_counter(), iter_num
                 event = {"type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
@@ -407,27 +449,51 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                     accelerator.log({f"train/{k}": v for k, v in event.items() if k not in ("type", "iter")},
                                     step=iter_num)
 
+            evaluated = False  # only the first loop pass may skip the evaluation done before the state was saved
             if _stop_requested(stop, accelerator):
-                save_resumable()
+                last = loss if isinstance(loss, float) else accelerator.reduce(loss, reduction="mean").item()
+                if not math.isfinite(last):  # never save a diverged state (the loss is checked at log steps only)
+                    raise non_finite(last, iter_num, s.out_dir)
+                save_resumable(evaluated=False)
                 name = signal.Signals(stop.signal).name if stop.signal else "a signal"
                 log(f"\nstopped by {name} after step {iter_num}; state saved in {latest_state(s.out_dir)}. "
-                    f"Resume with: python train.py ... --out_dir={s.out_dir} --init_from=resume")
+                    f"Resume with: python train.py --out_dir={s.out_dir} --init_from=resume"
+                    + (f" (under accelerate launch, {world} processes)" if world > 1 else ""))
                 exit_code = 130 if stop.signal == signal.SIGINT else 143
                 break
-    progress.close()
     if pusher:
         pusher.finish(s.out_dir, f"end of training, step {iter_num}")
-    accelerator.end_training()
+    _end(accelerator)
     if exit_code == 0 and main and s.sample_at_end:
         print_sample(s.out_dir)
     return exit_code
 
 
+def non_finite(loss: float, step: int, out_dir: str) -> UserError:
+    last = latest_state(out_dir)
+    where = (f"the last good checkpoint ({os.path.relpath(last, out_dir)} in {out_dir}) is intact: resume from it with "
+             "--init_from=resume and a lower --learning_rate" if last else "no checkpoint was saved yet: start again "
+             "with a lower --learning_rate")
+    return UserError(f"the loss became non-finite ({loss}) at step {step}; {where}")
+
+
+def _end(accelerator) -> None:
+    """accelerator.end_training (trackers, then the process group), without torch's gloo shutdown deadlock: the
+    group's destructor holds the GIL while joining its worker threads, and a worker still releasing the tensors of
+    the last collective needs the GIL (pytorch/pytorch#75097, #56297); seen here as 2-process CPU runs that hang
+    after their final save. A barrier, then a pause without the GIL, lets the workers finish first."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.2)
+    accelerator.end_training()
+
+
 def _stop_requested(stop: StopRequest, accelerator) -> bool:
+    if accelerator.num_processes == 1:
+        return stop.signal is not None  # no device sync on the hot path
+    # every process must stop after the same step, whichever received the signal
     flag = torch.tensor(0.0 if stop.signal is None else 1.0, device=accelerator.device)
-    if accelerator.num_processes > 1:  # every process must stop at the same step
-        flag = accelerator.reduce(flag, reduction="sum")
-    return bool(flag.item())
+    return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
 def print_sample(out_dir: str, max_new_tokens: int = 300) -> None:

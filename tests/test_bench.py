@@ -12,6 +12,7 @@ import torch
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import bench_main
 from nanogpt_hf.tokenization import char_tokenizer
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=65", "--batch_size=2",
@@ -122,6 +123,7 @@ def test_two_processes_under_accelerate_launch():
     """`accelerate launch` with two CPU processes (the recipe from REFERENCE.md): totals are twice per process."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "bench.py", "--mode=train",
            *TINY, "--warmup=1", "--iters=2", "--dtype=float32"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

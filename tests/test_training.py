@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
@@ -294,6 +295,7 @@ def test_two_processes_match_one_process(char_data, tmp_path):
             "--dtype=float32", "--device=cpu", "--sample_at_end=false"]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = tmp_path / "two"
     res = subprocess.run(launch + [str(script), *args, f"--out_dir={two}"], env=env, capture_output=True, text=True)
@@ -341,3 +343,14 @@ def test_push_to_hub_from_training_uploads_and_survives_failure(char_data, tmp_p
     err = capsys.readouterr().err
     assert "me/tiny" in err and "Traceback" not in err
     assert (tmp_path / "out2" / "model.safetensors").exists()
+
+
+def test_tensorboard_tracker(char_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert train(tiny(char_data, tmp_path / "out", log_with="tensorboard", max_iters=2, eval_interval=2)) == 0
+    assert glob.glob(str(tmp_path / "out" / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_unknown_tracker_is_a_clear_error(char_data, tmp_path):
+    with pytest.raises(UserError, match="unknown tracker 'mlfow'"):
+        train(tiny(char_data, tmp_path / "out", log_with="mlfow"))
