@@ -217,6 +217,17 @@ class StopRequest:
         return False
 
 
+def quiet_library_output() -> None:
+    """The command shows one progress bar (training) and its log lines: no per-save "Writing model shards" bars, and
+    no accelerate warning that the tied lm_head.weight is stored once (it is re-tied on load, by design)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
@@ -227,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         args.insert(0, DEFAULT_RECIPE)
         s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
     recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))]
+    quiet_library_output()
     try:
         return train(s, explicit, recipes)
     except OSError as exc:  # disk full or no permission while writing logs or plots (saves say it themselves)
