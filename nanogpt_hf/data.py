@@ -721,14 +721,6 @@ class TokenStream:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def tokenizer_kind(self) -> str:
-        return self.meta["tokenizer"]
-
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream: a view when inside one chunk, else a small copy."""
         if start < 0 or start + length > len(self):

@@ -128,7 +128,7 @@ def test_gradient_accumulation_4x3_equals_1x12(char_data):
     results = []
     for chunks in (1, 4):
         torch.manual_seed(0)
-        model = NanoGPTForCausalLM(scratch_config(tiny(char_data, "unused"), stream.vocab_size, "char"))
+        model = NanoGPTForCausalLM(scratch_config(tiny(char_data, "unused"), open_dataset(char_data).vocab_size, "char"))
         # SGD: the update is the (clipped) gradient itself; Adam's first step is ~lr * sign(grad), which turns
         # float rounding in near-zero gradients into lr-sized differences
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
