@@ -94,14 +94,10 @@ def _tokenizer_description(folder: str, info: dict) -> str:
     return "none saved in this folder"
 
 
-def _loading_section(ref: str, model_type: str, prompt: str) -> str:
-    if model_type == "gpt2":
-        return f"""## How to load it
-
-A stock GPT-2 (`GPT2LMHeadModel`) checkpoint: plain transformers loads it, no custom code needed.
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+def _load_snippet(ref: str, prompt: str, first_line: str = "") -> str:
+    """The Python lines that load the checkpoint and generate, optionally after an import line."""
+    return f"""```python
+{first_line}from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 model = AutoModelForCausalLM.from_pretrained("{ref}")
 tokenizer = AutoTokenizer.from_pretrained("{ref}")
@@ -109,20 +105,21 @@ generator = pipeline("text-generation", model="{ref}")
 print(generator({prompt!r}, max_new_tokens=100)[0]["generated_text"])
 ```
 """
+
+
+def _loading_section(ref: str, model_type: str, prompt: str) -> str:
+    if model_type == "gpt2":
+        return f"""## How to load it
+
+A stock GPT-2 (`GPT2LMHeadModel`) checkpoint: plain transformers loads it, no custom code needed.
+
+{_load_snippet(ref, prompt)}"""
+    register = "import nanogpt_hf  # registers NanoGPTConfig / NanoGPTForCausalLM with the Auto classes\n"
     return f"""## How to load it
 
 With `nanogpt_hf` installed (`pip install nanogpt-hf`), importing it registers the `nanogpt` model type:
 
-```python
-import nanogpt_hf  # registers NanoGPTConfig / NanoGPTForCausalLM with the Auto classes
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
-model = AutoModelForCausalLM.from_pretrained("{ref}")
-tokenizer = AutoTokenizer.from_pretrained("{ref}")
-generator = pipeline("text-generation", model="{ref}")
-print(generator({prompt!r}, max_new_tokens=100)[0]["generated_text"])
-```
-
+{_load_snippet(ref, prompt, register)}
 Without it, the model code stored beside the weights (`modeling_nanogpt.py`, `configuration_nanogpt.py`) is used:
 
 ```python
