@@ -1,4 +1,4 @@
-"""Our model's training step against nanoGPT's model.py (the reference re-implemented in tests/test_convert.py).
+"""Our model's training step against nanoGPT's model.py (re-implemented in tests/nanogpt_reference.py).
 
 Same shapes, same AdamW step and gradient clipping, the two steps interleaved so that machine noise hits both.
     python benchmarks/bench_vs_nanogpt.py [n_layer n_head n_embd block batch]   (default: the laptop recipe)
@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from test_convert import RefGPT  # noqa: E402
+from nanogpt_reference import RefGPT  # noqa: E402
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM  # noqa: E402
 

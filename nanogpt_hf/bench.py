@@ -171,13 +171,20 @@ def peak_memory(device: torch.device) -> str:
 def make_accelerator(device_type: str, precision: str):
     from accelerate import Accelerator
 
+    if device_type == "cpu":
+        hardware.keep_freed_memory()  # as train.py does
     return Accelerator(cpu=device_type == "cpu", mixed_precision=precision)
 
 
-def prepare_for_training(s: BenchSettings, accelerator, device_type: str):
-    """Model and optimizer exactly as training sets them up: nanoGPT's AdamW groups, compile before prepare."""
+def build_training_model(s: BenchSettings, device_type: str, precision: str):
     model = build_model(s)
-    model.train()
+    model.set_attn_implementation(hardware.training_attention(device_type, precision))  # as train.py does
+    return model.train()
+
+
+def prepare_for_training(s: BenchSettings, accelerator, device_type: str, precision: str):
+    """Model and optimizer exactly as training sets them up: nanoGPT's AdamW groups, compile before prepare."""
+    model = build_training_model(s, device_type, precision)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
     compiled = torch.compile(model) if s.compile else model
     model_p, optimizer = accelerator.prepare(compiled, optimizer)
@@ -192,7 +199,7 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> dict:
 
     accelerator = make_accelerator(device_type, precision)
     log = accelerator.print
-    raw, model, optimizer = prepare_for_training(s, accelerator, device_type)
+    raw, model, optimizer = prepare_for_training(s, accelerator, device_type, precision)
     device = accelerator.device
     accum = s.gradient_accumulation_steps
     batches = make_batches(s, accum * 4, device)  # a few distinct batches, cycled
@@ -291,7 +298,7 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
     accelerator = make_accelerator(device_type, precision)
     log = accelerator.print
     # the plain copy is taken before prepare(): the same initial weights, the same optimizer settings
-    raw = build_model(s).train()
+    raw = build_training_model(s, device_type, precision)
     plain_model, plain_opt, autocast, scaler = plain_setup(raw, s, accelerator, device_type, precision)
     optimizer = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
     model, optimizer = accelerator.prepare(torch.compile(raw) if s.compile else raw, optimizer)

@@ -30,15 +30,19 @@ GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.wei
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    # query (B, nh, T, hs), key/value (B, nh, S, hs); attention_mask additive (B, 1, T, S) or None
-    att = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, nh, T, S)
+    # query (B, nh, T, hs), key/value (B, nh, S, hs); attention_mask additive (B, 1, T, S) or None for plain causal
+    # attention. Kept in the input dtype (bf16 under autocast): no float mask to add, the scale applied to q (T x hs)
+    # rather than to the scores (T x S), and softmax, which accumulates in fp32 internally, without a round trip to
+    # fp32 scores. On a CPU under bf16 this is the fastest training attention (torch's flash kernel's backward is slow
+    # there): see hardware.training_attention.
+    att = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, nh, T, S)
     if attention_mask is not None:
         att = att + attention_mask
-    elif query.shape[2] > 1:  # no mask given: plain causal attention (the training case)
+    elif query.shape[2] > 1:
         T, S = query.shape[2], key.shape[2]
-        causal = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-        att = att.masked_fill(~causal, float("-inf"))
-    att = nn.functional.softmax(att, dim=-1, dtype=torch.float32).to(query.dtype)
+        future = torch.full((T, S), float("-inf"), dtype=att.dtype, device=att.device).triu(S - T + 1)  # (T, S)
+        att = att + future  # cheaper than masked_fill, and nothing to do in backward
+    att = nn.functional.softmax(att, dim=-1)
     att = nn.functional.dropout(att, p=dropout, training=module.training)
     y = torch.matmul(att, value)  # (B, nh, T, hs)
     return y.transpose(1, 2).contiguous(), att  # (B, T, nh, hs)
@@ -202,7 +206,9 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
 
-        causal_mask = create_causal_mask(
+        # plain causal attention over a whole sequence (training, scoring): every attention implementation applies
+        # causality itself, so no (B, 1, T, S) mask is built (eager would add a float one to every score matrix)
+        causal_mask = None if attention_mask is None and past == 0 else create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -292,9 +298,9 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type) -> torch.optim.AdamW:
-        # fused AdamW is one kernel per step on CUDA; on CPU the foreach implementation is faster here
-        fused = device_type == "cuda"
-        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=learning_rate, betas=betas, fused=fused)
+        # fused AdamW: one kernel per tensor instead of about ten (CUDA and CPU; on CPU the foreach path loops anyway)
+        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=learning_rate, betas=betas,
+                                 fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""

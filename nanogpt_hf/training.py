@@ -30,7 +30,8 @@ from .checkpoint import (discard_states, latest_state, read_trainer_state, save_
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError
-from .hardware import default_device, peak_flops, resolve_mixed_precision
+from .hardware import (default_device, keep_freed_memory, peak_flops, resolve_mixed_precision,
+                       training_attention)
 from .hub import HubPusher, write_model_card
 from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
@@ -265,10 +266,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         raise UserError(f"device must be auto, cpu or cuda; got {s.device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
-    # the width decides whether bf16 pays on a CPU; a checkpoint's width is unknown until it loads (and is >= 768
-    # for every GPT-2)
-    width = s.n_embd if s.init_from in ("scratch", "resume") else None
-    mixed_precision = resolve_mixed_precision(s.dtype, device_type, width)
+    if device_type == "cpu":
+        keep_freed_memory()  # a quarter of a CPU step was page faults
+    mixed_precision = resolve_mixed_precision(s.dtype, device_type)
     trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with else [])
     for t in trackers:
         if t not in ("wandb", "tensorboard"):
@@ -318,6 +318,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     tokenizer = data.tokenizer()
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.bos_token_id = model.config.bos_token_id
+    model.set_attn_implementation(training_attention(device_type, mixed_precision))  # not saved with the model
     model.train()
 
     optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)

@@ -1,19 +1,16 @@
 """nanogpt-hf conversions: nanoGPT ckpt.pt -> ours (same logits and greedy tokens as nanoGPT), GPT-2 both ways.
 
-The nanoGPT side is a minimal re-implementation of nanoGPT's model.py from its documented layout (module names,
-pre-LN blocks, exact GELU, tied lm_head, optional biases, the tril mask buffer of the non-flash path), and a
-checkpoint written the way nanoGPT's train.py writes it.
+The nanoGPT side is nanoGPT's model.py re-implemented (tests/nanogpt_reference.py) and a checkpoint written the way
+nanoGPT's train.py writes it.
 """
 
 import datetime
-import math
 import os
 import pickle
 
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
+from nanogpt_reference import RefGPT  # nanoGPT's model.py
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from nanogpt_hf import NanoGPTForCausalLM
@@ -21,93 +18,6 @@ from nanogpt_hf.cli import hf_main
 from nanogpt_hf.tokenization import char_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
-
-
-# ---- nanoGPT's model.py, reduced to what inference needs ----------------------------------------------------------
-
-
-class RefLayerNorm(nn.Module):
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class RefAttention(nn.Module):
-    def __init__(self, a, flash):
-        super().__init__()
-        self.c_attn = nn.Linear(a["n_embd"], 3 * a["n_embd"], bias=a["bias"])
-        self.c_proj = nn.Linear(a["n_embd"], a["n_embd"], bias=a["bias"])
-        self.n_head, self.flash = a["n_head"], flash
-        if not flash:  # nanoGPT's slow path keeps its causal mask as a (persistent) buffer named "bias"
-            bs = a["block_size"]
-            self.register_buffer("bias", torch.tril(torch.ones(bs, bs)).view(1, 1, bs, bs))
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-            y = F.softmax(att, dim=-1) @ v
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class RefMLP(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.c_fc = nn.Linear(a["n_embd"], 4 * a["n_embd"], bias=a["bias"])
-        self.gelu = nn.GELU()  # exact erf GELU
-        self.c_proj = nn.Linear(4 * a["n_embd"], a["n_embd"], bias=a["bias"])
-
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class RefBlock(nn.Module):
-    def __init__(self, a, flash):
-        super().__init__()
-        self.ln_1, self.attn = RefLayerNorm(a["n_embd"], a["bias"]), RefAttention(a, flash)
-        self.ln_2, self.mlp = RefLayerNorm(a["n_embd"], a["bias"]), RefMLP(a)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class RefGPT(nn.Module):
-    def __init__(self, a, flash=True):
-        super().__init__()
-        self.block_size = a["block_size"]
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(a["vocab_size"], a["n_embd"]),
-            wpe=nn.Embedding(a["block_size"], a["n_embd"]),
-            drop=nn.Dropout(a["dropout"]),
-            h=nn.ModuleList([RefBlock(a, flash) for _ in range(a["n_layer"])]),
-            ln_f=RefLayerNorm(a["n_embd"], a["bias"]),
-        ))
-        self.lm_head = nn.Linear(a["n_embd"], a["vocab_size"], bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
-
-    def forward(self, idx):
-        pos = torch.arange(idx.size(1), dtype=torch.long)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
-
-    @torch.no_grad()
-    def generate_greedy(self, idx, max_new_tokens):
-        for _ in range(max_new_tokens):  # nanoGPT's generate with top_k=1: no cache, cropped context
-            logits = self(idx[:, -self.block_size:])[:, -1, :]
-            idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
-        return idx
 
 
 def make_nanogpt(vocab_size, bias=True, flash=True, seed=0):

@@ -155,6 +155,27 @@ def test_eager_and_sdpa_give_same_logits():
     assert torch.allclose(model(x).logits, sdpa, atol=1e-5)
 
 
+def test_eager_bf16_training_attention_matches_fp32():
+    # training on a bf16 CPU uses eager attention under autocast (hardware.training_attention): its loss and
+    # gradients must be those of the fp32 sdpa model, to bf16 accuracy
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).train()
+    x = torch.randint(0, 300, (4, 32))
+
+    def loss_and_grads(impl, dtype):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss32, grad32 = loss_and_grads("sdpa", torch.float32)
+    loss16, grad16 = loss_and_grads("eager", torch.bfloat16)
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.999
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = NanoGPTForCausalLM(tiny_config())

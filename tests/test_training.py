@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from conftest import free_port
@@ -17,6 +18,7 @@ from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
 from nanogpt_hf.errors import UserError
+from nanogpt_hf.hardware import cpu_has_bf16, keep_freed_memory, resolve_mixed_precision, training_attention
 from nanogpt_hf.settings import TrainSettings, parse_command
 from nanogpt_hf.training import get_lr, scratch_config, train, train_step
 
@@ -27,8 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fresh_accelerate_state():
     """Each in-process run builds its own Accelerator; accelerate keeps a process-wide singleton state."""
     yield
-    from accelerate.state import AcceleratorState
-
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -196,6 +196,60 @@ print("OK")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
     assert "not supported" not in res.stderr
+
+
+def test_precision_and_attention_follow_the_device():
+    assert resolve_mixed_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "no")
+    assert resolve_mixed_precision("float32", "cpu") == "no" and resolve_mixed_precision("bfloat16", "cpu") == "bf16"
+    with pytest.raises(UserError, match="float16 is not supported on CPU"):
+        resolve_mixed_precision("float16", "cpu")
+    assert training_attention("cpu", "bf16") == "eager"  # torch's CPU flash-attention backward is slow in bf16
+    assert training_attention("cpu", "no") == training_attention("cuda", "bf16") == "sdpa"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_cpu_training_steps_do_not_page_fault():
+    # glibc's defaults unmap freed activations, so each laptop-recipe step faulted ~2,900 pages back in (a quarter of
+    # the step); train.py keeps freed memory in the process (hardware.keep_freed_memory). A fresh process, as in use.
+    code = """
+import resource, torch
+from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+from nanogpt_hf.hardware import keep_freed_memory
+assert keep_freed_memory()
+model = NanoGPTForCausalLM(NanoGPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65))
+opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+x = torch.randint(0, 65, (12, 64))
+def step():
+    model(x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.split()[-1]) < 100  # page faults per step
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16")
+def test_bf16_autocast_run_tracks_fp32_and_saves_a_portable_checkpoint(char_data, tmp_path):
+    # dtype=auto on a bf16 CPU: bf16 autocast with eager attention (the fastest there); the same run in fp32 must
+    # reach the same losses, and the checkpoint must not pin the training-time attention
+    runs = {}
+    for dtype in ("auto", "float32"):
+        s = tiny(char_data, tmp_path / dtype, n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=12,
+                 max_iters=60, eval_interval=30, eval_iters=5, learning_rate=3e-3, lr_decay_iters=60, dtype=dtype)
+        assert train(s) == 0
+        runs[dtype] = metrics(tmp_path / dtype, "eval")[-1]["val_loss"]
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next run has another mixed precision
+    assert runs["auto"] == pytest.approx(runs["float32"], abs=0.02)
+    saved = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert not any("attn" in k for k in saved)
+    assert NanoGPTForCausalLM.from_pretrained(tmp_path / "auto").config._attn_implementation == "sdpa"
 
 
 def test_best_val_loss_only_improves_and_model_is_the_best(char_data, tmp_path):
