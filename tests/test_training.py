@@ -18,7 +18,7 @@ from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
 from nanogpt_hf.errors import UserError
-from nanogpt_hf.hardware import cpu_has_bf16, keep_freed_memory, resolve_mixed_precision, training_attention
+from nanogpt_hf.hardware import cpu_has_bf16, resolve_mixed_precision, training_attention
 from nanogpt_hf.settings import TrainSettings, parse_command
 from nanogpt_hf.training import get_lr, scratch_config, train, train_step
 
