@@ -66,7 +66,8 @@ def training_attention(device_type: str, mixed_precision: str) -> str:
     """The attention implementation that trains fastest. sdpa (fused kernels) everywhere but on a CPU under bf16:
     there torch's flash-attention backward is ~3.7x slower than in fp32 and eats the whole bf16 gain, while plain
     matmul + softmax attention in bf16 is the fastest way (4-layer 128-wide step at batch 12 x 64 on a 2-core
-    AVX-512 BF16 EPYC: fp32 sdpa 1.00x, bf16 sdpa 1.10x, bf16 eager 1.63x)."""
+    AVX-512 BF16 EPYC: fp32 sdpa 1.00x, bf16 sdpa 1.10x, bf16 eager 1.63x; bf16 eager also won at blocks of 256, 512
+    and 1024 with 64-wide heads, at the cost of holding the (T, T) attention weights for backward)."""
     return "eager" if device_type == "cpu" and mixed_precision == "bf16" else "sdpa"
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+
 class RefLayerNorm(nn.Module):
     def __init__(self, ndim, bias):
         super().__init__()
