@@ -206,9 +206,10 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
 
-        # plain causal attention over a whole sequence (training, scoring): every attention implementation applies
-        # causality itself, so no (B, 1, T, S) mask is built (eager would add a float one to every score matrix)
-        causal_mask = None if attention_mask is None and past == 0 else create_causal_mask(
+        # plain causal attention without a cache (training, scoring): every attention implementation applies
+        # causality itself, so no (B, 1, T, S) mask is built (eager would add a float one to every score matrix).
+        # With a cache the mask also hides a static cache's unfilled slots.
+        causal_mask = None if attention_mask is None and cache is None else create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -155,6 +155,19 @@ def test_eager_and_sdpa_give_same_logits():
     assert torch.allclose(model(x).logits, sdpa, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_static_cache_without_a_mask_hides_its_empty_slots(impl):
+    # training skips the causal mask (no cache); a static cache still needs one for its unfilled slots
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    model.set_attn_implementation(impl)
+    x = torch.randint(0, 300, (1, 7))
+    cached = model(x, cache=StaticCache(config=model.config, max_cache_len=32), use_cache=True).logits
+    assert torch.allclose(cached, model(x, use_cache=False).logits, atol=1e-5)
+
+
 def test_eager_bf16_training_attention_matches_fp32():
     # training on a bf16 CPU uses eager attention under autocast (hardware.training_attention): its loss and
     # gradients must be those of the fp32 sdpa model, to bf16 accuracy
@@ -166,7 +179,7 @@ def test_eager_bf16_training_attention_matches_fp32():
         model.set_attn_implementation(impl)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = model(x, labels=x).loss
+            loss = model(x, labels=x, use_cache=False).loss  # as training calls it: no cache, no mask
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
