@@ -1,6 +1,7 @@
 """Wall time of nanoGPT's laptop run against ours, back to back on the same machine and the same prepared data.
 
     python benchmarks/bench_wall_time.py DATASET_DIR [--runs=ours-auto,ours-fp32,nanogpt] [--max_iters=2000]
+                                         [--seed=1337]
 
 DATASET_DIR is a prepared character-level dataset (python prepare.py tinyshakespeare.txt --tokenizer=char
 --out=data/tiny_char). Each run is a fresh process timed from its start (imports included) to its end:
@@ -9,7 +10,8 @@ DATASET_DIR is a prepared character-level dataset (python prepare.py tinyshakesp
   250 steps over 20 batches per split, torch.save of ckpt.pt when val loss improves, a printed line per step;
 - ours-auto / ours-fp32: python train.py recipes/shakespeare_char_cpu.yaml with --dtype=auto / float32 (no final
   sample: nanoGPT does not print one).
-Prints, per run: wall seconds, median ms/iter, final val loss; then each kind's median wall time against nanoGPT's.
+Prints, per run: wall seconds, median ms/iter, the last evaluation's val loss (20 batches) and the saved model's loss
+on every token of the val split; then each kind's median wall time against nanoGPT's.
 A kind may be listed more than once (--runs=ours-auto,nanogpt,ours-auto,nanogpt): runs alternate in that order.
 """
 
@@ -28,7 +30,7 @@ LAPTOP = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max
               grad_clip=1.0, eval_interval=250, eval_iters=20)
 
 
-def nanogpt_loop(data_dir: str, out_dir: str, max_iters: int) -> None:
+def nanogpt_loop(data_dir: str, out_dir: str, max_iters: int, seed: int) -> None:
     """The child process: nanoGPT's train.py as it runs the laptop command (single process, CPU, fp32)."""
     import numpy as np
     import torch
@@ -37,7 +39,7 @@ def nanogpt_loop(data_dir: str, out_dir: str, max_iters: int) -> None:
     from nanogpt_reference import RefGPT
 
     c = dict(LAPTOP, max_iters=max_iters)
-    torch.manual_seed(1337)
+    torch.manual_seed(seed)
     train_data = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     val_data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     vocab_size = json.load(open(os.path.join(data_dir, "meta.json")))["vocab_size"]
@@ -125,6 +127,33 @@ def export_bins(dataset: str, out: str) -> None:
         json.dump({"vocab_size": data.vocab_size}, fh)
 
 
+def full_val_loss(name: str, out: str, dataset: str) -> float:
+    """The saved model's mean loss on every token of the val split (data.sequential_windows), not a 20-batch sample."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from nanogpt_hf import NanoGPTForCausalLM
+    from nanogpt_hf.data import open_dataset, sequential_windows
+    from nanogpt_reference import RefGPT
+
+    data = open_dataset(dataset)
+    if name == "nanogpt":
+        model = RefGPT(dict(n_layer=LAPTOP["n_layer"], n_head=LAPTOP["n_head"], n_embd=LAPTOP["n_embd"],
+                            block_size=LAPTOP["block_size"], bias=False, vocab_size=data.vocab_size, dropout=0.0))
+        model.load_state_dict(torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu")["model"])
+    else:
+        ours = NanoGPTForCausalLM.from_pretrained(out)
+        model = lambda x: ours(input_ids=x, use_cache=False).logits  # noqa: E731
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for x, y in sequential_windows(data.stream("val"), LAPTOP["block_size"], 64):
+            logits = model(x)
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            tokens += y.numel()
+    return total / tokens
+
+
 def run(cmd: list[str], log_path: str) -> float:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -135,16 +164,17 @@ def run(cmd: list[str], log_path: str) -> float:
 
 def main() -> None:
     if sys.argv[1:2] == ["--nanogpt-child"]:
-        nanogpt_loop(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        nanogpt_loop(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         return
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
     if len(args) != 1 or not os.path.isfile(os.path.join(args[0], "meta.json")):
         sys.exit("usage: python benchmarks/bench_wall_time.py DATASET_DIR [--runs=ours-auto,ours-fp32,nanogpt] "
-                 "[--max_iters=2000]  (DATASET_DIR: a prepared character-level dataset)")
+                 "[--max_iters=2000] [--seed=1337]  (DATASET_DIR: a prepared character-level dataset)")
     dataset = os.path.abspath(args[0])
     runs = opts.get("runs", "ours-auto,ours-fp32,nanogpt").split(",")
     max_iters = int(opts.get("max_iters", LAPTOP["max_iters"]))
+    seed = int(opts.get("seed", 1337))
     work = tempfile.mkdtemp(prefix="bench_wall_")
     export_bins(dataset, work)
     results = {name: [] for name in runs}
@@ -152,12 +182,13 @@ def main() -> None:
         out = os.path.join(work, f"{i}-{name}")
         os.makedirs(out)
         if name == "nanogpt":
-            cmd = [sys.executable, os.path.abspath(__file__), "--nanogpt-child", work, out, str(max_iters)]
+            cmd = [sys.executable, os.path.abspath(__file__), "--nanogpt-child", work, out, str(max_iters),
+                   str(seed)]
         else:
             dtype = {"ours-auto": "auto", "ours-fp32": "float32", "ours-bf16": "bfloat16"}[name]
             cmd = [sys.executable, "train.py", "recipes/shakespeare_char_cpu.yaml", f"--dataset={dataset}",
                    f"--out_dir={out}", f"--dtype={dtype}", f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
-                   "--sample_at_end=false"]
+                   f"--seed={seed}", "--sample_at_end=false"]
         wall = run(cmd, os.path.join(out, "log.txt"))
         if name == "nanogpt":
             r = json.load(open(os.path.join(out, "result.json")))
@@ -166,8 +197,8 @@ def main() -> None:
             r = {"val_loss": [e for e in events if e["type"] == "eval"][-1]["val_loss"],
                  "median_ms": statistics.median(e["ms_per_iter"] for e in events if e["type"] == "train")}
         results[name].append(wall)
-        print(f"{name:10s} wall {wall:6.1f} s | median {r['median_ms']:5.1f} ms/iter | val loss {r['val_loss']:.4f}",
-              flush=True)
+        print(f"{name:10s} wall {wall:6.1f} s | median {r['median_ms']:5.1f} ms/iter | val loss {r['val_loss']:.4f} "
+              f"(every val token: {full_val_loss(name, out, dataset):.4f})", flush=True)
     if "nanogpt" in results:
         base = statistics.median(results["nanogpt"])
         for name, walls in results.items():

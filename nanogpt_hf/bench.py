@@ -92,15 +92,6 @@ def resolve(s: BenchSettings, device_type: str) -> BenchSettings:
     return s
 
 
-def device_type_of(s: BenchSettings) -> str:
-    device_type = hardware.default_device() if s.device == "auto" else s.device
-    if device_type not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda; got {s.device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
-    return device_type
-
-
 def build_model(s: BenchSettings):
     from .configuration_nanogpt import NanoGPTConfig
     from .modeling_nanogpt import NanoGPTForCausalLM
@@ -421,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     s, _ = parse_command(BenchSettings, argv, prog="bench.py",
                          description="Benchmark training throughput and MFU, accelerate's overhead, or KV-cache "
                                      "generation speed.")
-    device_type = device_type_of(s)
+    device_type = hardware.resolve_device_type(s.device)
     if s.threads > 0:
         # a process setting, but this is the whole process: bench is a command, not a library call
         torch.set_num_threads(s.threads)

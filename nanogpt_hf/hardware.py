@@ -43,6 +43,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device_type(setting: str) -> str:
+    """A training/bench device setting (auto | cpu | cuda) -> "cpu" or "cuda"; accelerate places the processes."""
+    name = default_device() if setting == "auto" else setting
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda; got {setting!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
+    return name
+
+
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
     """Map a dtype setting ('auto', 'bf16'/'bfloat16', 'fp16'/'float16', 'fp32'/'float32'/'no') to accelerate's
     mixed_precision value ('bf16', 'fp16' or 'no')."""

@@ -30,7 +30,7 @@ from .checkpoint import (discard_states, latest_state, read_trainer_state, save_
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError
-from .hardware import (default_device, keep_freed_memory, peak_flops, resolve_mixed_precision,
+from .hardware import (keep_freed_memory, peak_flops, resolve_device_type, resolve_mixed_precision,
                        training_attention)
 from .hub import HubPusher, write_model_card
 from .metrics import MetricsLog, perplexity, plot_losses
@@ -82,7 +82,6 @@ def train_step(accelerator, model, optimizer, micro_batches: Iterable[tuple[torc
 # ---- set up -----------------------------------------------------------------------------------------------------
 
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
-GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
 DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from the defaults (nanoGPT's GPT-2 124M
 run), then RECIPE.yaml files, then --key=value overrides. With no arguments: the shakespeare_char_cpu demo.
@@ -261,11 +260,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             s = restart_settings(s, explicit, notes.append)  # killed before its first checkpoint: start it again
         else:
             s = resume_settings(s, explicit, state_dir, notes.append)
-    device_type = s.device if s.device != "auto" else default_device()
-    if device_type not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda; got {s.device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
+    device_type = resolve_device_type(s.device)
     if device_type == "cpu":
         keep_freed_memory()  # a quarter of a CPU step was page faults
     mixed_precision = resolve_mixed_precision(s.dtype, device_type)
