@@ -26,7 +26,7 @@ import re
 import shutil
 import uuid
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
@@ -62,7 +62,7 @@ _IO_MARKERS = _IO_REASONS + ("I/O error", "os error", "file write failed", "unex
 def io_failure(exc: BaseException, path: str | None = None) -> str | None:
     """A short reason when exc is a failed write (disk full, permissions...), else None (a bug: keep the traceback)."""
     if isinstance(exc, OSError):
-        return exc.strerror or str(exc).splitlines()[0]
+        return exc.strerror or first_line(exc)
     text = str(exc)
     if not any(marker in text for marker in _IO_MARKERS):
         return None

@@ -25,7 +25,7 @@ import zipfile
 import torch
 
 from .configuration_nanogpt import NanoGPTConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .hub import push_checkpoint, write_model_card
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .tokenization import GPT2_VOCAB_SIZE, char_tokenizer_from_stoi, gpt2_tokenizer
@@ -34,11 +34,6 @@ COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps the model; nanoGPT saves th
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", "openai-community/gpt2-medium",
                "openai-community/gpt2-large", "openai-community/gpt2-xl")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,7 +106,7 @@ def load_nanogpt_checkpoint(path: str) -> dict:
         ) from None
     except Exception as exc:
         raise UserError(f"cannot read '{path}' as a PyTorch checkpoint (corrupt or truncated?): "
-                        f"{_first_line(exc)}") from None
+                        f"{first_line(exc)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(
         ckpt.get("model_args"), dict
     ):
@@ -141,7 +136,7 @@ def load_meta(path: str) -> dict[str, int]:
         with open(path, "rb") as fh:
             meta = _restricted_unpickle(fh)
     except Exception as exc:
-        raise UserError(f"cannot read '{path}' as a nanoGPT meta.pkl: {_first_line(exc)}") from None
+        raise UserError(f"cannot read '{path}' as a nanoGPT meta.pkl: {first_line(exc)}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("stoi"), dict):
         raise UserError(f"'{path}' is not a character vocabulary (no 'stoi' dict); GPT-2 BPE models need no --meta")
     return meta["stoi"]
@@ -183,7 +178,7 @@ def nanogpt_model(ckpt: dict, char_vocab: bool) -> NanoGPTForCausalLM:
             activation_function="gelu", bos_token_id=eot, eos_token_id=eot,
         )
     except ValueError as exc:
-        raise UserError(f"the checkpoint's model_args are invalid: {_first_line(exc)}") from None
+        raise UserError(f"the checkpoint's model_args are invalid: {first_line(exc)}") from None
     model = NanoGPTForCausalLM(config)
     state = nanogpt_state_dict(ckpt)
     expected = set(model.state_dict())
@@ -195,7 +190,7 @@ def nanogpt_model(ckpt: dict, char_vocab: bool) -> NanoGPTForCausalLM:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise UserError(f"the checkpoint's weights do not match its model_args: {detail}") from None
     model.eval()
     return model
@@ -269,13 +264,13 @@ def _load_our_checkpoint(path: str) -> NanoGPTForCausalLM:
         with open(config_path, encoding="utf-8") as fh:
             model_type = json.load(fh).get("model_type")
     except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"cannot read '{config_path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot read '{config_path}': {first_line(exc)}") from None
     if model_type != "nanogpt":
         raise UserError(f"'{path}' holds a {model_type!r} model, not a nanogpt_hf checkpoint (model_type nanogpt)")
     try:
         return NanoGPTForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:
-        raise UserError(f"cannot load the checkpoint in '{path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load the checkpoint in '{path}': {first_line(exc)}") from None
 
 
 def _saved_tokenizer(path: str):
@@ -288,7 +283,7 @@ def _saved_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer in '{path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load the tokenizer in '{path}': {first_line(exc)}") from None
 
 
 def export_gpt2(checkpoint: str, out_dir: str, force: bool = False) -> str:
@@ -324,7 +319,7 @@ def import_gpt2(id_or_dir: str, out_dir: str, force: bool = False) -> str:
     try:
         model = NanoGPTForCausalLM.from_gpt2(id_or_dir)
     except OSError as exc:
-        raise UserError(f"{_first_line(exc)}") from None
+        raise UserError(f"{first_line(exc)}") from None
     tokenizer = _saved_tokenizer(id_or_dir) if local else None
     if tokenizer is None and not local and id_or_dir not in OPENAI_GPT2:  # OpenAI's BPE is ours, verified offline
         from transformers import AutoTokenizer

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 STRATEGIES = ("end", "best", "every_save")
 LOSS_PLOT = "loss.png"
@@ -269,8 +269,8 @@ def describe_hub_error(exc: BaseException, repo_id: str) -> str:
         return f"repo '{repo_id}' not found (check the namespace)"
     if names & {"ConnectionError", "ConnectError", "TimeoutException", "TimeoutError", "NetworkError"}:
         return "cannot reach the Hub (no network?)"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    first = first_line(exc)
+    return first if first == type(exc).__name__ else f"{type(exc).__name__}: {first}"
 
 
 def _commit_folder(api: HfApi, repo_id: str, folder: str, commit_message: str):

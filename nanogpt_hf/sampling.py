@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import hardware
-from .errors import UserError
+from .errors import UserError, first_line
 from .settings import parse_command, setting
 
 GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -232,7 +232,7 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
         try:
             model = AutoModelForCausalLM.from_pretrained(source)
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: truncated or corrupt weights
-            raise UserError(f"cannot load the checkpoint in '{source}': {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot load the checkpoint in '{source}': {first_line(exc)}") from None
         return model, tokenization.load_tokenizer(source)
     if init_from == "resume" or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise UserError(f"checkpoint folder '{source}' does not exist; train a model first or set --init_from")
@@ -241,7 +241,7 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load '{source}': no such folder, and not reachable on the Hub "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({first_line(exc)})") from None
     return model, tokenizer
 
 

@@ -29,7 +29,7 @@ from .checkpoint import (discard_states, latest_state, read_trainer_state, save_
                          state_dirs)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
-from .errors import UserError
+from .errors import UserError, first_line
 from .hardware import (keep_freed_memory, peak_flops, resolve_device_type, resolve_mixed_precision,
                        training_attention)
 from .hub import HubPusher, write_model_card
@@ -115,14 +115,14 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
         config = AutoConfig.from_pretrained(s.init_from)
     except (OSError, ValueError) as exc:
         hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UserError(f"cannot load init_from '{s.init_from}': {str(exc).splitlines()[0]}{hint}") from None
+        raise UserError(f"cannot load init_from '{s.init_from}': {first_line(exc)}{hint}") from None
     try:
         if config.model_type == "gpt2":
             return NanoGPTForCausalLM.from_gpt2(s.init_from, dropout=s.dropout)
         if config.model_type == "nanogpt":
             return NanoGPTForCausalLM.from_pretrained(s.init_from, dropout=s.dropout, dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or corrupt weights; bad dropout
-        raise UserError(f"cannot load init_from '{s.init_from}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load init_from '{s.init_from}': {first_line(exc)}") from None
     raise UserError(f"init_from '{s.init_from}' is a {config.model_type!r} model; GPT-2 and nanogpt_hf are supported")
 
 
@@ -135,7 +135,7 @@ def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfi
         return NanoGPTConfig(block_size=s.block_size, vocab_size=vocab_size, n_layer=s.n_layer, n_head=s.n_head,
                              n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eos, eos_token_id=eos)
     except ValueError as exc:  # e.g. n_embd not divisible by n_head
-        raise UserError(f"impossible model shape: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"impossible model shape: {first_line(exc)}") from None
 
 
 def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> TrainSettings:
