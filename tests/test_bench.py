@@ -131,3 +131,32 @@ def test_two_processes_under_accelerate_launch():
     assert "2 process(es)" in res.stdout
     per_process = number(r"([\d,]+) tokens/s per process", res.stdout)
     assert number(r"([\d,]+) in total", res.stdout) == pytest.approx(2 * per_process, rel=1e-3)
+
+
+def test_matmul_floor_times_exactly_the_products_of_a_real_step(capsys, monkeypatch):
+    """benchmarks/bench_cpu_matmul.py's list of products has the FLOPs torch counts in a real forward + backward
+    (eager attention: every product is an mm or bmm), so its "matmul floor" is that of the real step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu_matmul
+    finally:
+        sys.path.pop(0)
+    shape = (2, 3, 48, 16, 5, 101)  # n_layer n_head n_embd block batch vocab
+    n_layer, n_head, n_embd, block, batch, vocab = shape
+    model = NanoGPTForCausalLM(NanoGPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block,
+                                             vocab_size=vocab, bos_token_id=None, eos_token_id=None))
+    model.set_attn_implementation("eager")
+    x = torch.randint(0, vocab, (batch, block))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=x, shift_labels=x, use_cache=False).loss.backward()
+    listed = sum(count * 2 * m * k * n * (lead[0] if lead else 1)
+                 for count, lead, m, k, n in bench_cpu_matmul.step_products(*shape))
+    assert listed == counter.get_total_flops()
+
+    monkeypatch.setattr(sys, "argv", ["bench_cpu_matmul.py", *map(str, shape)])
+    monkeypatch.setattr(bench_cpu_matmul, "median_seconds", lambda fn, repeats=50: (fn(), 1e-3)[1])
+    bench_cpu_matmul.main()
+    out = capsys.readouterr().out
+    assert f"the step's products: {listed / 1e9:.2f} GFLOP" in out and "bfloat16" in out
