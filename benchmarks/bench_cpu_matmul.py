@@ -2,8 +2,8 @@
 
 A training step cannot be faster than its matrix products. This times each product of one step of a GPT of the
 given shape (forward, and the two products per product in backward) on its own, in fp32 and bf16, and prints their
-sum next to a large square matmul (the CPU's practical peak), so a measured step time can be split into "matmul
-floor" and "everything else" (elementwise ops, casts, the optimizer, Python and dispatch).
+sum next to the CPU's practical peak (hardware.measured_cpu_peak_flops, the one MFU divides by), so a measured step
+time splits into "matmul floor" and "everything else" (elementwise ops, casts, the optimizer, Python and dispatch).
     python benchmarks/bench_cpu_matmul.py [n_layer n_head n_embd block batch vocab]   (default: the laptop recipe)
 """
 
@@ -12,6 +12,8 @@ import sys
 import time
 
 import torch
+
+from nanogpt_hf import hardware
 
 
 def median_seconds(fn, repeats: int = 50) -> float:
@@ -43,15 +45,13 @@ def main():
     print(f"{torch.get_num_threads()} threads; step of n_layer {shape[0]}, n_head {shape[1]}, n_embd {shape[2]}, "
           f"block {shape[3]}, batch {shape[4]}, vocab {shape[5]}")
     for dtype in (torch.float32, torch.bfloat16):
-        n = 2048
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        peak = 2 * n**3 / median_seconds(lambda: a @ b, repeats=10)
+        peak = hardware.measured_cpu_peak_flops(dtype)  # the peak train.py's MFU divides by
         flops = seconds = 0.0
         for count, lead, m, k, n in step_products(*shape):
             a, b = torch.randn(*lead, m, k).to(dtype), torch.randn(*lead, k, n).to(dtype)
             seconds += count * median_seconds(lambda: a @ b)
             flops += count * 2 * m * k * n * (lead[0] if lead else 1)
-        print(f"{str(dtype):15s} square 2048 matmul {peak / 1e9:5.0f} GFLOP/s | the step's products: "
+        print(f"{str(dtype):15s} peak (best 2048 matmul) {peak / 1e9:5.0f} GFLOP/s | the step's products: "
               f"{flops / 1e9:.2f} GFLOP in {seconds * 1000:.2f} ms = {flops / seconds / 1e9:.0f} GFLOP/s")
 
 
