@@ -186,7 +186,7 @@ def prepare_for_training(s: BenchSettings, accelerator, device_type: str, precis
 
 
 def run_train(s: BenchSettings, device_type: str, precision: str) -> dict:
-    from .training import train_step
+    from .training import end_training, train_step
 
     accelerator = make_accelerator(device_type, precision)
     log = accelerator.print
@@ -227,6 +227,7 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> dict:
     if s.profile:
         profile_steps(s.profile, step, device)
         log(f"profiler trace written to {s.profile}/ (tensorboard --logdir {s.profile}, or open the .json in Perfetto)")
+    end_training(accelerator)  # under accelerate launch: close the process group, or exiting can abort
     return result
 
 
@@ -284,7 +285,7 @@ def plain_setup(raw_model, s: BenchSettings, accelerator, device_type: str, prec
 
 
 def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
-    from .training import train_step
+    from .training import end_training, train_step
 
     accelerator = make_accelerator(device_type, precision)
     log = accelerator.print
@@ -323,6 +324,7 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
         q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else times[name] * 3
         log(f"{name:>10}: median {med[name]:.1f} ms/iter (quartiles {q[0]:.1f} .. {q[2]:.1f})")
     log(f"ratio accelerate / plain: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target within 5%)")
+    end_training(accelerator)
     return dict(ms_accelerate=med["accelerate"], ms_plain=med["plain"], ratio=ratio, first_loss=first)
 
 

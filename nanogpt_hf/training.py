@@ -348,7 +348,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
         log(f"eval: train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), "
             f"val loss {losses['val']:.4f} (perplexity {ppl['val']:.2f})")
-        _end(accelerator)
+        end_training(accelerator)
         return 0
 
     main = accelerator.is_main_process
@@ -471,7 +471,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 break
     if pusher:
         pusher.finish(s.out_dir, f"end of training, step {iter_num}")
-    _end(accelerator)
+    end_training(accelerator)
     if exit_code == 0 and main and s.sample_at_end:
         print_sample(s.out_dir)
     return exit_code
@@ -485,11 +485,13 @@ def non_finite(loss: float, step: int, out_dir: str) -> UserError:
     return UserError(f"the loss became non-finite ({loss}) at step {step}; {where}")
 
 
-def _end(accelerator) -> None:
+def end_training(accelerator) -> None:
     """accelerator.end_training (trackers, then the process group), without torch's gloo shutdown deadlock: the
     group's destructor holds the GIL while joining its worker threads, and a worker still releasing the tensors of
     the last collective needs the GIL (pytorch/pytorch#75097, #56297); seen here as 2-process CPU runs that hang
-    after their final save. A barrier, then a pause without the GIL, lets the workers finish first."""
+    after their final save. A barrier, then a pause without the GIL, lets the workers finish first. Every command
+    that makes an Accelerator ends with this: a process that exits with its group still open can abort ("terminate
+    called without an active exception", seen in bench.py under accelerate launch)."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         time.sleep(0.2)
