@@ -96,6 +96,10 @@ def convert_value(name: str, tp: Any, raw: Any) -> Any:
                 raise ValueError
             return float(raw)  # an int for a float setting is fine (nanoGPT's configurator rejects it)
         if tp is str:
+            # YAML reads an empty value as null and off/no/yes as booleans: str() would make them 'None' or 'False'
+            if raw is None or isinstance(raw, bool):
+                raise UserError(f"setting '{name}' expects a string, got {raw!r}; in a YAML recipe, quote the "
+                                f"value (e.g. '{'' if raw is None else str(raw).lower()}') or remove the line")
             if isinstance(raw, (dict, list)):
                 raise ValueError
             return str(raw)
@@ -152,9 +156,11 @@ def load_recipe(path: str) -> dict[str, Any]:
     return data
 
 
-def help_text(cls: type, prog: str, usage: str, description: str, epilog: str = "") -> str:
-    lines = [f"usage: {prog} {usage}", "", description.strip(), "", "settings (default, meaning):"]
-    defaults = cls()
+def help_text(cls: type, prog: str, usage: str, description: str, epilog: str = "", defaults: Any = None,
+              recipes: list[str] = ()) -> str:
+    after = f" after {', '.join(recipes)}" if recipes else ""
+    lines = [f"usage: {prog} {usage}", "", description.strip(), "", f"settings (default{after}, meaning):"]
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         default = getattr(defaults, f.name)
         lines.append(f"  --{f.name}={default!r}" if isinstance(default, str) else f"  --{f.name}={default}")
@@ -172,18 +178,26 @@ def parse_command(
     positional: str | None = None,
     recipes: bool = False,
     epilog: str = "",
+    default_recipe: str | None = None,
 ) -> tuple[Any, list[str]]:
     """Parse `argv` into an instance of `cls`.
 
     positional: the field that takes a bare argument (e.g. prepare's source); recipes: a bare `*.yaml` argument is a
-    recipe whose values come before command-line overrides. Returns (settings, explicit): explicit maps each setting
-    given by a recipe or on the command line to its final value (resume uses it to see what the user changed).
+    recipe whose values come before command-line overrides; default_recipe: the recipe whose values are the defaults
+    when argv names none (--help then lists them). Returns (settings, explicit): explicit maps each setting given by a
+    recipe or on the command line (not by default_recipe) to its final value (resume uses it to see what the user
+    changed).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     types_ = field_types(cls)
     usage = ("[RECIPE.yaml] " if recipes else "") + (f"[{positional.upper()}] " if positional else "") + "[--key=value ...]"
+    named = [a for a in argv if recipes and not a.startswith("-") and a.endswith((".yaml", ".yml"))]
+    base_recipes = named or ([default_recipe] if default_recipe else [])
     if "-h" in argv or "--help" in argv:
-        print(help_text(cls, prog, usage, description, epilog))
+        defaults = cls()
+        for path in base_recipes:
+            defaults = apply(defaults, load_recipe(path), source=path)
+        print(help_text(cls, prog, usage, description, epilog, defaults, [os.path.basename(p) for p in base_recipes]))
         raise SystemExit(0)
     recipe_paths, bare, overrides = [], [], {}
     i = 0
@@ -214,6 +228,8 @@ def parse_command(
             raise UserError(f"unexpected argument '{bare[-1] if positional else bare[0]}'; settings are --key=value")
         overrides.setdefault(positional, bare[0])
     obj, explicit = cls(), {}
+    if not recipe_paths and default_recipe:
+        obj = apply(obj, load_recipe(default_recipe), source=default_recipe)
     for path in recipe_paths:
         values = load_recipe(path)
         obj = apply(obj, values, source=path)
@@ -286,7 +302,7 @@ class TrainSettings:
     compile: bool | None = setting(None, "torch.compile the model; default: on for CUDA, off on CPU")
     seed: int = setting(1337, "seed of initialisation, dropout and batches (batch = f(seed, step, index))")
     # checkpoints
-    keep_states: int = setting(2, "resumable states kept in out_dir/state/ (the newest ones)")
+    keep_states: int = setting(2, "resumable states kept in out_dir/state/ (the newest ones; 0 keeps them all)")
     sample_at_end: bool = setting(True, "print a short sample from the final model")
     # Hub
     push_to_hub: bool = setting(False, "upload checkpoints to the Hugging Face Hub")

@@ -83,8 +83,9 @@ def train_step(accelerator, model, optimizer, micro_batches: Iterable[tuple[torc
 
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
-DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from the defaults (nanoGPT's GPT-2 124M
-run), then RECIPE.yaml files, then --key=value overrides. With no arguments: the shakespeare_char_cpu demo.
+DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from nanoGPT's defaults (its GPT-2 124M
+run), then RECIPE.yaml files, then --key=value overrides. With no recipe, default.yaml (the shakespeare_char_cpu
+demo on the shipped corpus) is the recipe: the defaults below are its values.
 Tokens per optimizer step = batch_size x gradient_accumulation_steps x block_size, whatever the number of
 processes (each of N processes runs gradient_accumulation_steps / N micro-batches, as in nanoGPT)."""
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
@@ -126,6 +127,28 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
     raise UserError(f"init_from '{s.init_from}' is a {config.model_type!r} model; GPT-2 and nanogpt_hf are supported")
 
 
+def check_same_tokenizer(init_from: str, data) -> None:
+    """Finetuning: the dataset's ids must mean what the checkpoint's ids mean (same tokenizer, same characters)."""
+    from transformers import AutoTokenizer
+
+    from .tokenization import tokenizer_kind
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(init_from)
+        kind = tokenizer_kind(theirs)  # a folder without tokenizer files loads as an empty tokenizer: refused here
+        chars = theirs.get_vocab() if kind == "char" else None
+    except (OSError, ValueError, UserError):  # no usable tokenizer saved: a GPT-2 checkpoint is taken as GPT-2 BPE
+        if AutoConfig.from_pretrained(init_from).model_type != "gpt2":
+            return
+        kind, chars = "gpt2", None
+    if kind != data.tokenizer_kind:
+        raise UserError(f"init_from '{init_from}' uses the {kind} tokenizer but dataset {data.path} was prepared with "
+                        f"{data.tokenizer_kind}: prepare it with --tokenizer={kind}")
+    if chars is not None and chars != data.tokenizer().get_vocab():
+        raise UserError(f"init_from '{init_from}' and dataset {data.path} have different character vocabularies "
+                        "(the same ids would mean other characters): finetune on a dataset with the same characters")
+
+
 def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfig:
     # GPT-2 BPE: nanoGPT's 50304 (50257 padded to a multiple of 64: faster matmuls); characters: exactly the corpus'
     if kind == "gpt2":
@@ -136,6 +159,22 @@ def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfi
                              n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eos, eos_token_id=eos)
     except ValueError as exc:  # e.g. n_embd not divisible by n_head
         raise UserError(f"impossible model shape: {first_line(exc)}") from None
+
+
+def check_ranges(s: TrainSettings) -> None:
+    """Values no run can use, refused before any work with the setting's name (not a traceback from torch)."""
+    for name in ("batch_size", "block_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
+                 "gradient_accumulation_steps", "keep_states"):
+        at_least = 0 if name in ("max_iters", "keep_states") else 1
+        if getattr(s, name) < at_least:
+            bound = ">= 0" if at_least == 0 else "positive"
+            raise UserError(f"setting '{name}' must be {bound}, got {getattr(s, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
+            raise UserError(f"setting '{name}' must be a finite number >= 0, got {getattr(s, name)}")
+    for name in ("beta1", "beta2", "dropout"):
+        if not 0.0 <= getattr(s, name) < 1.0:
+            raise UserError(f"setting '{name}' must be in [0, 1), got {getattr(s, name)}")
 
 
 def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> TrainSettings:
@@ -230,14 +269,10 @@ def quiet_library_output() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
-    # no recipe: the CPU Shakespeare demo; but not for a resume, whose settings are the saved ones (the demo's
-    # values would count as explicit changes and refuse any run with another architecture)
-    if (not any(a.endswith((".yaml", ".yml")) for a in args) and os.path.isfile(DEFAULT_RECIPE)
-            and s.init_from != "resume"):
-        args.insert(0, DEFAULT_RECIPE)
-        s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True)
-    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))]
+    # no recipe: the demo's values are the defaults (not explicit settings: a resume keeps its saved ones)
+    s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True,
+                                default_recipe=DEFAULT_RECIPE)
+    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))] or ["default.yaml"]
     quiet_library_output()
     try:
         return train(s, explicit, recipes)
@@ -274,10 +309,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     log = accelerator.print
     for note in notes:
         log(note)
-    for name in ("batch_size", "block_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
-                 "gradient_accumulation_steps"):
-        if getattr(s, name) < (0 if name == "max_iters" else 1):
-            raise UserError(f"setting '{name}' must be positive, got {getattr(s, name)}")
+    check_ranges(s)
     world = accelerator.num_processes
     if s.gradient_accumulation_steps % world:
         raise UserError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be divisible by the "
@@ -298,11 +330,12 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
     set_seed(s.seed)  # the same initial weights on every process
     if s.init_from in ("scratch", "resume"):
-        config = (NanoGPTConfig.from_pretrained(state_dir) if state_dir
+        config = (NanoGPTConfig.from_pretrained(state_dir, dropout=s.dropout) if state_dir  # dropout may change
                   else scratch_config(s, data.vocab_size, data.tokenizer_kind))
         model = NanoGPTForCausalLM(config)
     else:
         model = load_init_model(s)
+        check_same_tokenizer(s.init_from, data)
         if s.block_size < model.config.block_size:
             model.crop_block_size(s.block_size)
         elif s.block_size > model.config.block_size:
@@ -360,8 +393,12 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
         if main else None
     if trackers:
-        accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(s),
-                                  init_kwargs={"wandb": {"name": s.wandb_run_name}})
+        try:
+            accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(s),
+                                      init_kwargs={"wandb": {"name": s.wandb_run_name}})
+        except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
+            hint = " (or log offline: WANDB_MODE=offline)" if "wandb" in trackers else ""
+            raise UserError(f"cannot start the {', '.join(trackers)} tracker: {first_line(exc)}{hint}") from None
     peak = peak_flops(accelerator.device, mixed_precision)
     card = {"settings": dataclasses.asdict(s), "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
             "recipe": ", ".join(p for p in recipes) or None,
@@ -412,9 +449,11 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 if trackers:
                     accelerator.log({f"eval/{k}": v for k, v in event.items() if k not in ("type", "iter")},
                                     step=iter_num)
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])  # only ever improves
-                if iter_num > 0:
+                # the untrained (or just loaded) model of step 0 is reported, not a candidate: the first evaluation
+                # after training always saves, even where finetuning never beats the starting point
+                if iter_num > 0 or iter_num == s.max_iters:
+                    improved = losses["val"] < best_val_loss
+                    best_val_loss = min(best_val_loss, losses["val"])  # only ever improves
                     if main and (improved or s.always_save_checkpoint):
                         save_model(losses)
                         if pusher:  # uploads in the background; a failure prints one line and training goes on
@@ -514,5 +553,6 @@ def print_sample(out_dir: str, max_new_tokens: int = 300) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    text = generate_text(model, tokenizer, "\n", max_new_tokens=max_new_tokens, stop_at_eot=True)
+    start = "\n" if tokenizer("\n")["input_ids"] else tokenizer.decode([0])  # a corpus without newlines
+    text = generate_text(model, tokenizer, start, max_new_tokens=max_new_tokens, stop_at_eot=True)
     print(f"---------- sample from {out_dir} ----------{text}\n" + "-" * 40)

@@ -663,7 +663,7 @@ def bad_inputs(w, char):
                                                         "fewer than block_size"),
         "train: a two-token corpus": (train_main, [f"--dataset={w}/two_tokens", *t], "fewer than block_size"),
         "train: GPT-2 dataset, char checkpoint": (train_main, [f"--dataset={bpe}", *t, f"--init_from={good}",
-                                                               "--block_size=16"], "vocab"),
+                                                               "--block_size=16"], "uses the char tokenizer"),
         "train: truncated model.safetensors": (train_main, [f"--dataset={char}", *t, f"--init_from={trunc}"],
                                                "cannot load"),
         "train: block_size above the checkpoint's": (train_main, [f"--dataset={char}", *t, f"--init_from={good}",

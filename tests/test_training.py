@@ -77,6 +77,10 @@ def test_settings_have_nanogpt_names_and_defaults():
     (["--decay_lr=maybe"], "setting 'decay_lr' expects true or false"),
     (["--hub_strategy=sometimes"], "setting 'hub_strategy' must be one of end, best, every_save"),
     (["missing.yaml"], "recipe 'missing.yaml' does not exist"),
+    (["--beta2=1.5"], "setting 'beta2' must be in [0, 1), got 1.5"),
+    (["--learning_rate=-1e-3"], "setting 'learning_rate' must be a finite number >= 0, got -0.001"),
+    (["--learning_rate=nan"], "setting 'learning_rate' must be a finite number >= 0, got nan"),
+    (["--keep_states=-1"], "setting 'keep_states' must be >= 0, got -1"),
 ])
 def test_bad_settings_are_one_clear_line(argv, message, capsys):
     assert train_main(argv) == 2
@@ -90,14 +94,36 @@ def test_int_for_float_setting_and_both_flag_styles():
     assert explicit == {"learning_rate": 1.0, "max_iters": 7, "compile": True}
 
 
-def test_help_lists_every_setting_with_default(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        train_main(["--help"])
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for f in dataclasses.fields(TrainSettings):
-        assert f"--{f.name}=" in out
-    assert "--learning_rate=0.0006" in out and "tokens per step" in out
+def test_help_lists_every_setting_with_the_default_it_will_use(capsys):
+    # no recipe: the demo's values (default.yaml) are the defaults; with a recipe, that recipe's values
+    owt = os.path.join(ROOT, "recipes", "openwebtext_gpt2.yaml")
+    for argv, lr, out_dir in ((["--help"], "0.001", "out/shakespeare_char"),
+                              ([owt, "-h"], "0.0006", "out/openwebtext_gpt2")):
+        with pytest.raises(SystemExit) as exit_:
+            train_main(argv)
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        for f in dataclasses.fields(TrainSettings):
+            assert f"--{f.name}=" in out
+        assert f"--learning_rate={lr}\n" in out and f"--out_dir='{out_dir}'" in out and "tokens per step" in out
+
+
+def test_without_a_recipe_the_demo_values_are_defaults_not_explicit_settings():
+    from nanogpt_hf.training import DEFAULT_RECIPE
+
+    s, explicit = parse_command(TrainSettings, ["--max_iters=5"], "t", "", recipes=True, default_recipe=DEFAULT_RECIPE)
+    assert (s.block_size, s.n_layer, s.max_iters) == (64, 4, 5) and explicit == {"max_iters": 5}
+    recipe = os.path.join(ROOT, "recipes", "openwebtext_gpt2.yaml")
+    s, _ = parse_command(TrainSettings, [recipe], "t", "", recipes=True, default_recipe=DEFAULT_RECIPE)
+    assert s.block_size == 1024 and s.n_layer == 12
+
+
+@pytest.mark.parametrize("line, shown", [("out_dir:", "None"), ("init_from: off", "False")])
+def test_yaml_null_or_boolean_for_a_string_setting_is_refused(tmp_path, line, shown, capsys):
+    (tmp_path / "r.yaml").write_text(line + "\n")
+    assert train_main([str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"expects a string, got {shown}; in a YAML recipe, quote the value" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml"))))
@@ -279,6 +305,50 @@ def test_resume_is_exact(char_data, tmp_path):
     assert [e["loss"] for e in metrics(tmp_path / "a", "train")] == [e["loss"] for e in metrics(tmp_path / "b", "train")]
 
 
+def test_resume_applies_a_dropout_change(char_data, tmp_path):
+    assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3, dropout=0.1)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(tiny(char_data, tmp_path, max_iters=6, init_from="resume", dropout=0.0),
+                 explicit={"max_iters": 6, "init_from": "resume", "dropout": 0.0}) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["dropout"] == 0.0
+
+
+def test_finetuning_that_never_beats_step_0_still_saves_its_model(char_data, tmp_path):
+    # step 0's evaluation of the loaded model is reported, not a candidate: nanoGPT would save nothing here
+    assert train(tiny(char_data, tmp_path / "base", max_iters=6, eval_interval=6)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    s = tiny(char_data, tmp_path / "ft", init_from=str(tmp_path / "base"), max_iters=2, eval_interval=2,
+             learning_rate=5.0, decay_lr=False, always_save_checkpoint=False, sample_at_end=True)
+    assert train(s) == 0
+    evals = metrics(tmp_path / "ft", "eval")
+    assert evals[-1]["val_loss"] > evals[0]["val_loss"]  # it got worse, and is saved anyway
+    assert (tmp_path / "ft" / "model.safetensors").exists()
+
+
+def test_max_iters_0_saves_the_starting_model(char_data, tmp_path):
+    assert train(tiny(char_data, tmp_path, max_iters=0)) == 0
+    assert NanoGPTForCausalLM.from_pretrained(tmp_path).config.n_layer == 2
+
+
+def test_finetuning_refuses_a_dataset_of_another_tokenizer(char_data, tmp_path):
+    assert train(tiny(char_data, tmp_path / "base", max_iters=0)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (tmp_path / "other.txt").write_text("abc def\n" * 500)
+    other = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="char", out=str(tmp_path / "o")))
+    with pytest.raises(UserError, match="different character vocabularies"):
+        train(tiny(other, tmp_path / "ft", init_from=str(tmp_path / "base")))
+    bpe = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="gpt2", out=str(tmp_path / "bpe")))
+    with pytest.raises(UserError, match="uses the char tokenizer but dataset .* was prepared with gpt2"):
+        train(tiny(bpe, tmp_path / "ft", init_from=str(tmp_path / "base")))
+
+
+def test_a_corpus_without_newlines_still_ends_with_a_sample(tmp_path, capsys):
+    (tmp_path / "one_line.txt").write_text("to be or not to be that is the question " * 300)
+    data = prepare(PrepareSettings(source=str(tmp_path / "one_line.txt"), tokenizer="char", out=str(tmp_path / "d")))
+    assert train(tiny(data, tmp_path / "out", max_iters=2, eval_interval=2, sample_at_end=True)) == 0
+    assert "---------- sample from" in capsys.readouterr().out
+
+
 def test_resume_refuses_architecture_changes(char_data, tmp_path):
     assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
     from accelerate.state import AcceleratorState
@@ -403,6 +473,17 @@ def test_tensorboard_tracker(char_data, tmp_path):
     pytest.importorskip("tensorboard")
     assert train(tiny(char_data, tmp_path / "out", log_with="tensorboard", max_iters=2, eval_interval=2)) == 0
     assert glob.glob(str(tmp_path / "out" / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_tracker_that_cannot_start_is_a_clear_error(char_data, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def no_login(self, *args, **kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(Accelerator, "init_trackers", no_login)
+    with pytest.raises(UserError, match="cannot start the wandb tracker: No API key configured.*log offline: WANDB_MODE=offline"):
+        train(tiny(char_data, tmp_path, wandb_log=True))
 
 
 def test_unknown_tracker_is_a_clear_error(char_data, tmp_path):
