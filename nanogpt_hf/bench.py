@@ -12,7 +12,7 @@ Three modes (`python bench.py --mode=...`, or `accelerate launch bench.py ...` f
 - generate: greedy tokens/s of generating N tokens with the KV cache (sampling.generate_ids, what sample.py runs)
   against full recomputation the way nanoGPT samples (a full forward over the cropped context for every token), on
   the same model from the same prompt; the tokens must be identical. Beyond block_size both condition on the same
-  sliding window (sampling.py's policy: the context is cropped to 3/4 block_size when full); nanoGPT's own window
+  sliding window (sampling.py's policy: the context is cropped to 3/4 block_size when it overflows); nanoGPT's own window
   is always full (block_size), so its per-token cost is, if anything, higher than the reference loop's here: the
   printed speed-up is conservative. Both run the same model in the same dtype (sample.py's: the model cast to it).
   In bf16 the full recompute gains more from fast matmuls than one-token decoding does, so the speed-up is smaller
@@ -343,7 +343,7 @@ def generate_full_recompute(model, idx: torch.Tensor, max_new_tokens: int) -> to
     block_size = block_size_of(model)
     start, prompt_len = 0, idx.shape[1]
     for _ in range(max_new_tokens):
-        if idx.shape[1] - start >= block_size:  # window full: slide it, as generate_ids does
+        if idx.shape[1] - start > block_size:  # the context no longer fits: slide the window, as generate_ids does
             start = idx.shape[1] - window_keep(block_size)
         logits = model(idx[:, start:], use_cache=False, logits_to_keep=1).logits[:, -1, :]
         idx_next = torch.argmax(logits, dim=-1, keepdim=True)

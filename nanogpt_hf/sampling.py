@@ -9,10 +9,11 @@ What differs from nanoGPT's sample.py, and why:
   one-by-one sampling (the random draws are interleaved differently).
 - Sliding window. A model sees at most block_size tokens. A prompt longer than that keeps its last block_size tokens
   (with a note on stderr). When prompt + max_new_tokens exceeds block_size, generation goes on nanoGPT-style by
-  conditioning on the most recent tokens only: we generate with the cache until the context fills block_size, then
-  crop the context to its last 3/4 * block_size tokens, re-prefill the cache with them, and continue. Every token is
-  thus predicted from at least 3/4 * block_size (at most block_size) previous tokens; nanoGPT always uses exactly
-  block_size but pays a full forward per token for it. With a context that fits, the tokens are exactly nanoGPT's.
+  conditioning on the most recent tokens only: we generate with the cache until a token has been predicted from a
+  full block_size context, then crop the context to its last 3/4 * block_size tokens, re-prefill the cache with
+  them, and continue. Every token is thus predicted from at least 3/4 * block_size (at most block_size) previous
+  tokens; nanoGPT always uses exactly block_size but pays a full forward per token for it. With a context that fits
+  (prompt + max_new_tokens - 1 <= block_size: the last token is never fed back), the tokens are exactly nanoGPT's.
 - nanoGPT never stops at <|endoftext|>; neither do we unless --stop_at_eot.
 - The model runs in the chosen dtype itself (bf16 weights, not fp32 weights under autocast as nanoGPT does on GPU;
   nanoGPT samples in fp32 on CPU): sampling needs no fp32 master copy, and one-token decoding is bound by memory
@@ -86,11 +87,9 @@ def block_size_of(model) -> int:
 
 
 def window_keep(block_size: int) -> int:
-    """How many recent tokens the sliding window keeps when the context is full (see the module docstring)."""
-    keep = min(int(block_size * KEEP_FRACTION), block_size - 1)
-    if keep < 1:
-        raise UserError(f"cannot generate past a block_size of {block_size}: the window needs at least 2 positions")
-    return keep
+    """How many recent tokens the sliding window keeps when the context overflows (see the module docstring).
+    Even keep = block_size makes progress: a context of block_size tokens still predicts one more token."""
+    return max(1, int(block_size * KEEP_FRACTION))
 
 
 def generation_kwargs(tokenizer, temperature: float = 0.8, top_k: int = 200, top_p: float = 1.0,
@@ -130,8 +129,9 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """Generate max_new_tokens after input_ids (B, T) with the KV cache, sliding the window past block_size.
 
     Returns only the new tokens (B, max_new_tokens), fewer if every row stopped at end-of-text. Chunks: generate with
-    the cache until the context is block_size long, then keep its last KEEP_FRACTION * block_size tokens,
-    re-prefill, repeat (see the module docstring). The prompt must already fit in block_size.
+    the cache until the context holds block_size + 1 tokens (the last one predicted from a full block, as nanoGPT
+    does; it is never fed to the model), then keep its last KEEP_FRACTION * block_size tokens, re-prefill, repeat
+    (see the module docstring). The prompt must already fit in block_size.
     """
     block_size = block_size_of(model)
     if attention_mask is None:
@@ -142,10 +142,12 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     remaining = max_new_tokens
     while remaining > 0:
-        if ids.shape[1] >= block_size:  # context full: slide the window
+        if ids.shape[1] > block_size:  # the context no longer fits: slide the window
             keep = window_keep(block_size)
             ids, mask = ids[:, -keep:], mask[:, -keep:]
-        n = min(remaining, block_size - ids.shape[1])
+        # n new tokens take n - 1 forward positions after the prompt (the last token is not fed back), so a chunk
+        # may grow the context to block_size + 1 tokens: nanoGPT crops only when the context exceeds block_size
+        n = min(remaining, block_size + 1 - ids.shape[1])
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=0,
                              streamer=streamer, **gen_kwargs)
         new = out[:, ids.shape[1]:]

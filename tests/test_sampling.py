@@ -180,6 +180,29 @@ def test_cached_equals_full_recompute_across_the_window():
     assert torch.equal(cached, full)
 
 
+def nanogpt_greedy(model, idx, n):
+    """nanoGPT's GPT.generate, greedy: crop the context to its last block_size tokens before every forward."""
+    for _ in range(n):
+        idx_cond = idx if idx.size(1) <= BLOCK else idx[:, -BLOCK:]
+        logits = model(idx_cond, use_cache=False).logits[:, -1, :]
+        idx = torch.cat((idx, logits.argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("prompt_len, n", [(BLOCK, 1), (5, BLOCK + 1 - 5), (1, BLOCK)])
+def test_a_context_that_fits_gives_nanogpts_tokens(prompt_len, n):
+    """Up to prompt + n - 1 = block_size tokens nanoGPT never crops: the window must not slide before that."""
+    # large weights: the next token depends on the far context (at std 0.02 a cropped one mostly gives the same)
+    model = tiny_model(65, initializer_range=0.5).eval()
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 65, (8, prompt_len))
+    with torch.no_grad():
+        expected = nanogpt_greedy(model, prompt, n)[:, prompt_len:]
+    cached = generate_ids(model, prompt, None, n, do_sample=False, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(cached, expected)
+    assert torch.equal(generate_full_recompute(model, prompt, n), expected)
+
+
 def test_left_padded_batch_equals_one_by_one_across_the_window():
     model = tiny_model(65).eval()
     prompts = [[5], [1, 2, 3, 4, 5, 6, 7], [9, 8, 7]]
