@@ -24,6 +24,7 @@ What differs from nanoGPT's sample.py, and why:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 
@@ -37,6 +38,7 @@ from .settings import parse_command, setting
 GPT2_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # when the context is full, keep this fraction of block_size and re-prefill (see the module docstring)
 KEEP_FRACTION = 0.75
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclasses.dataclass
@@ -47,7 +49,7 @@ class SampleSettings:
     start: str = setting("\n", "the prompt; FILE:path reads it from a file")
     num_samples: int = setting(10, "number of samples to draw")
     max_new_tokens: int = setting(500, "tokens generated per sample")
-    temperature: float = setting(0.8, "1.0 = no change, < 1.0 = less random, > 1.0 = more random; must be > 0")
+    temperature: float = setting(0.8, "1.0 = no change, < 1.0 = less random, > 1.0 = more random; at least 1e-6")
     top_k: int = setting(200, "keep only the top_k most likely tokens (0 = all)")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this total probability")
     repetition_penalty: float = setting(1.0, "> 1.0 discourages repeating tokens already in the context")
@@ -272,8 +274,11 @@ def encode_prompt(tokenizer, prompt: str, block_size: int, vocab_size: int) -> l
 
 
 def check_settings(s: SampleSettings) -> None:
-    if not s.greedy and s.temperature <= 0:
-        raise UserError(f"temperature must be > 0 (got {s.temperature}); for the most likely tokens use --greedy")
+    # generate divides the logits by the temperature: below ~1e-6 they overflow to inf (NaN probabilities), and
+    # NaN slips past every comparison
+    if not s.greedy and not (math.isfinite(s.temperature) and s.temperature >= MIN_TEMPERATURE):
+        raise UserError(f"temperature must be a number >= {MIN_TEMPERATURE:g} (got {s.temperature}); "
+                        "for the most likely tokens use --greedy")
     if s.num_samples < 1 or s.max_new_tokens < 1:
         raise UserError("num_samples and max_new_tokens must be at least 1")
     if s.top_k < 0:

@@ -240,6 +240,9 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
     cases = [
         ([ck, "--temperature=0"], ["temperature", "--greedy"]),
         ([ck, "--temperature=-1"], ["temperature"]),
+        ([ck, "--temperature=nan"], ["temperature", "nan"]),
+        ([ck, "--temperature=1e-40"], ["temperature", "1e-40"]),
+        ([ck, "--temperature=inf"], ["temperature"]),
         ([ck, "--start=Zebra!"], ["'Z'", "vocabulary"]),
         ([f"--out_dir={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path / 'nothing'}"], ["does not exist"]),
