@@ -94,7 +94,13 @@ def _tokenizer_description(folder: str, info: dict) -> str:
     return "none saved in this folder"
 
 
-def _load_snippet(ref: str, prompt: str, first_line: str = "") -> str:
+def _snippet_max_new_tokens(prompt: str, block_size: int) -> int:
+    """The snippet's max_new_tokens: pipeline() does not slide the window, so the prompt and the new tokens must fit
+    in block_size. A prompt has at most one token per UTF-8 byte (characters and GPT-2 BPE alike)."""
+    return max(1, min(100, block_size - len(prompt.encode("utf-8"))))
+
+
+def _load_snippet(ref: str, prompt: str, block_size: int, first_line: str = "") -> str:
     """The Python lines that load the checkpoint and generate, optionally after an import line."""
     return f"""```python
 {first_line}from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -102,24 +108,24 @@ def _load_snippet(ref: str, prompt: str, first_line: str = "") -> str:
 model = AutoModelForCausalLM.from_pretrained("{ref}")
 tokenizer = AutoTokenizer.from_pretrained("{ref}")
 generator = pipeline("text-generation", model="{ref}")
-print(generator({prompt!r}, max_new_tokens=100)[0]["generated_text"])
+print(generator({prompt!r}, max_new_tokens={_snippet_max_new_tokens(prompt, block_size)})[0]["generated_text"])
 ```
 """
 
 
-def _loading_section(ref: str, model_type: str, prompt: str) -> str:
+def _loading_section(ref: str, model_type: str, prompt: str, block_size: int) -> str:
     if model_type == "gpt2":
         return f"""## How to load it
 
 A stock GPT-2 (`GPT2LMHeadModel`) checkpoint: plain transformers loads it, no custom code needed.
 
-{_load_snippet(ref, prompt)}"""
+{_load_snippet(ref, prompt, block_size)}"""
     register = "import nanogpt_hf  # registers NanoGPTConfig / NanoGPTForCausalLM with the Auto classes\n"
     return f"""## How to load it
 
 With `nanogpt_hf` installed (`pip install nanogpt-hf`), importing it registers the `nanogpt` model type:
 
-{_load_snippet(ref, prompt, register)}
+{_load_snippet(ref, prompt, block_size, register)}
 Without it, the model code stored beside the weights (`modeling_nanogpt.py`, `configuration_nanogpt.py`) is used:
 
 ```python
@@ -193,7 +199,7 @@ def model_card(folder: str, info: dict | None = None) -> ModelCard:
         or "A GPT-2-style language model with the architecture of [nanoGPT](https://github.com/karpathy/nanoGPT), "
         "as a native transformers model (nanogpt_hf).",
         "",
-        _loading_section(ref, model_type, prompt),
+        _loading_section(ref, model_type, prompt, arch["block_size"]),
         "## Architecture",
         "",
         "| | |",

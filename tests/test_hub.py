@@ -113,6 +113,22 @@ def test_model_card_leaves_out_what_is_unknown(tmp_path):
         write_model_card(tmp_path / "empty", {})
 
 
+@pytest.mark.parametrize("export", [False, True])
+def test_card_snippet_runs_on_a_block_64_model(tmp_path, export):
+    """The card's example generates from its prompt without passing block_size (pipeline does not slide)."""
+    tok = char_tokenizer("ROMEO:abcdefghijklmnopqrstuvwxyz \n")
+    config = NanoGPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=len(tok), bos_token_id=None,
+                           eos_token_id=None)
+    model = NanoGPTForCausalLM(config)
+    folder = tmp_path / "ckpt"
+    model.save_gpt2(folder) if export else model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_model_card(folder, {})
+    snippet = ModelCard.load(folder / "README.md").text.split("```python\n")[1].split("```")[0]
+    assert "ROMEO:" in snippet
+    exec(snippet.replace("path/to/this/folder", str(folder)), {})
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_parameter_count_from_config_matches_the_model(tmp_path, bias):
     model = tiny_model(bias)
