@@ -27,6 +27,10 @@ from .configuration_nanogpt import NanoGPTConfig
 
 # The four GPT-2 weights stored by OpenAI as Conv1D (in, out); nn.Linear stores (out, in).
 GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPT2Config options that change the function the model computes, at the values nanoGPT's architecture has.
+# reorder_and_upcast_attn is not one: it only computes eager attention scores in fp32 under autocast.
+GPT2_OPTIONS_OF_NANOGPT = dict(tie_word_embeddings=True, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                               add_cross_attention=False)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -335,27 +339,35 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             ) from None
         if gpt2_config.model_type != "gpt2":
             raise OSError(f"'{name_or_path}' is a {gpt2_config.model_type!r} checkpoint, not GPT-2 (model_type gpt2)")
-        if gpt2_config.scale_attn_by_inverse_layer_idx or gpt2_config.n_inner not in (None, 4 * gpt2_config.n_embd):
-            raise OSError(f"'{name_or_path}' uses GPT-2 options outside nanoGPT's architecture")
+        unsupported = [f"{name}={getattr(gpt2_config, name)!r}" for name, value in GPT2_OPTIONS_OF_NANOGPT.items()
+                       if getattr(gpt2_config, name) != value]
+        if gpt2_config.n_inner not in (None, 4 * gpt2_config.n_embd):
+            unsupported.append(f"n_inner={gpt2_config.n_inner!r}")
+        if unsupported:
+            raise OSError(f"'{name_or_path}' uses GPT-2 options outside nanoGPT's architecture: "
+                          f"{', '.join(unsupported)}")
+        try:
+            config = NanoGPTConfig(
+                block_size=gpt2_config.n_positions,
+                vocab_size=gpt2_config.vocab_size,
+                n_layer=gpt2_config.n_layer,
+                n_head=gpt2_config.n_head,
+                n_embd=gpt2_config.n_embd,
+                dropout=dropout,
+                bias=True,
+                activation_function=gpt2_config.activation_function,
+                layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
+                bos_token_id=gpt2_config.bos_token_id,
+                eos_token_id=gpt2_config.eos_token_id,
+            )
+        except ValueError as exc:  # a GPT-2 setting nanoGPT has no equivalent for, e.g. another activation
+            raise OSError(f"cannot load '{name_or_path}' as nanoGPT: {exc}") from None
         try:
             gpt2 = GPT2LMHeadModel.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
         except (OSError, ValueError) as exc:
             raise OSError(
                 f"cannot load GPT-2 weights from '{name_or_path}': {str(exc).splitlines()[0]}"
             ) from None
-        config = NanoGPTConfig(
-            block_size=gpt2_config.n_positions,
-            vocab_size=gpt2_config.vocab_size,
-            n_layer=gpt2_config.n_layer,
-            n_head=gpt2_config.n_head,
-            n_embd=gpt2_config.n_embd,
-            dropout=dropout,
-            bias=True,
-            activation_function=gpt2_config.activation_function,
-            layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
-            bos_token_id=gpt2_config.bos_token_id,
-            eos_token_id=gpt2_config.eos_token_id,
-        )
         model = cls(config)
         state = {}
         for key, value in gpt2.state_dict().items():

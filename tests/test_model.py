@@ -244,6 +244,35 @@ def test_from_gpt2_errors_are_one_clear_line(tmp_path):
         NanoGPTForCausalLM.from_gpt2("gpt2-nonexistent-id")  # offline in tests: fails at once
 
 
+def tiny_gpt2_dir(path, **options):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16, **options)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("tie_word_embeddings", False),  # a separate lm_head would be loaded into the tied wte
+    ("scale_attn_weights", False),
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("add_cross_attention", True),
+    ("n_inner", 24),
+    ("activation_function", "relu"),
+])
+def test_from_gpt2_refuses_what_nanogpt_cannot_compute(tmp_path, option, value):
+    with pytest.raises(OSError, match=option) as info:
+        NanoGPTForCausalLM.from_gpt2(tiny_gpt2_dir(tmp_path, **{option: value}))
+    assert "\n" not in str(info.value)
+
+
+def test_from_gpt2_accepts_reorder_and_upcast_attn(tmp_path):
+    """It only changes the precision of eager attention under autocast: in fp32 the logits are the same."""
+    folder = tiny_gpt2_dir(tmp_path, reorder_and_upcast_attn=True)
+    gpt2 = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    x = torch.randint(0, 50, (2, 16))
+    assert (NanoGPTForCausalLM.from_gpt2(folder).eval()(x).logits - gpt2(x).logits).abs().max().item() < 1e-5
+
+
 def test_cached_and_uncached_generation_equal():
     torch.manual_seed(0)
     model = NanoGPTForCausalLM(tiny_config()).eval()
