@@ -22,6 +22,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_nanogpt import NanoGPTConfig
 
@@ -131,6 +133,10 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # output_hidden_states / output_attentions: capture_outputs (on NanoGPTModel.forward) records what these modules
+    # return through forward hooks, installed the first time an output is asked for: the usual forward (training)
+    # runs no per-layer code for it. Attention weights exist only with eager attention (sdpa/flash never form them).
+    _can_record_outputs = {"hidden_states": NanoGPTBlock, "attentions": NanoGPTAttention}
     # nanoGPT checkpoints made without flash attention carry a causal-mask buffer we do not need
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$"]
 
@@ -175,6 +181,7 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -243,6 +250,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple  # return_dict=False; NanoGPTModel's capture_outputs handles it for the bare model
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -276,7 +284,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     # ---- nanoGPT's helpers ------------------------------------------------------------------------------------
 

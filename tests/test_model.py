@@ -155,6 +155,34 @@ def test_eager_and_sdpa_give_same_logits():
     assert torch.allclose(model(x).logits, sdpa, atol=1e-5)
 
 
+def test_hidden_states_and_attentions_like_gpt2():
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config(n_layer=3)).eval()
+    gpt2 = model.to_gpt2().eval()
+    x = torch.randint(0, 300, (2, 20))
+    for m in (model, gpt2):
+        m.set_attn_implementation("eager")  # sdpa never forms the attention weights
+    ours = model(x, output_hidden_states=True, output_attentions=True)
+    theirs = gpt2(x, output_hidden_states=True, output_attentions=True)
+    assert len(ours.hidden_states) == 3 + 1 and len(ours.attentions) == 3
+    for a, b in zip(ours.hidden_states + ours.attentions, theirs.hidden_states + theirs.attentions, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    bare = model.transformer(x, output_hidden_states=True)
+    assert len(bare.hidden_states) == 4 and bare.attentions is None
+    assert model(x, return_dict=False)[0].shape == (2, 20, 300)
+
+
+def test_no_output_asked_no_per_layer_hooks():
+    """Hooks that record outputs are installed on first request only: training never pays for them."""
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config())
+    x = torch.randint(0, 300, (2, 20))
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert out.hidden_states is None and out.attentions is None
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_static_cache_without_a_mask_hides_its_empty_slots(impl):
     # training skips the causal mask (no cache); a static cache still needs one for its unfilled slots
