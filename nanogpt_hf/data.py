@@ -5,8 +5,9 @@ Preparing (`python prepare.py [SOURCE] --tokenizer gpt2|char --out DIR`, or `pre
     corpus --load--> documents (one text column) --datasets.map(num_proc)--> ids per document --split--> DIR/
 
     SOURCE is "shakespeare" (the embedded Project Gutenberg corpus, works offline), a local file, folder or glob
-    (.txt, .jsonl/.json, .parquet; a folder means every such file under it, in sorted order), or a Hub dataset id
-    (through datasets.load_dataset, optionally streaming).
+    (.txt, .jsonl/.json, .parquet; a folder means every such file under it, in sorted order, skipping hidden files
+    and folders, the output folder and prepared datasets), or a Hub dataset id (through datasets.load_dataset,
+    optionally streaming).
     - .txt files: one document per file (nanoGPT's shakespeare treats its one file the same way); with
       --txt_documents=paragraph every blank-line-separated paragraph is a document. Text is read as UTF-8 with
       universal newlines ("\\r\\n" -> "\\n"), like Python's open() in nanoGPT's prepare.py.
@@ -122,15 +123,43 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def local_files(source: str) -> list[str] | None:
-    """The corpus files a local source names (sorted), None when it is not local, UserError when it is missing."""
+def _is_prepared(folder: str) -> bool:
+    """Whether prepare.py wrote this folder (any version): its .json files are output, not corpus."""
+    try:
+        with open(os.path.join(folder, META_FILE), encoding="utf-8") as fh:
+            return json.load(fh).get("format") == META_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _walk_corpus(folder: str, out: str | None) -> list[str]:
+    """Files under `folder`, skipping hidden files and folders (.git, our temporary folders), the output folder and
+    any prepared dataset: an output written inside the source must not be read back as corpus on the next run."""
+    out = os.path.realpath(out) if out else None
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [
+            d for d in dirs
+            if not d.startswith(".")
+            and os.path.realpath(os.path.join(root, d)) != out
+            and not _is_prepared(os.path.join(root, d))
+        ]
+        files += [os.path.join(root, f) for f in names if not f.startswith(".")]
+    return sorted(files)
+
+
+def local_files(source: str, out: str | None = None) -> list[str] | None:
+    """The corpus files a local source names (sorted), None when it is not local, UserError when it is missing.
+
+    out: the output folder, never read as corpus when it lies inside a source folder."""
     path = os.path.expanduser(source)
     if _is_pattern(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
         what = f"files match '{source}'"
     elif os.path.isdir(path):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-        files = [f for f in files if os.path.splitext(f)[1].lower() in FILE_BUILDERS]
+        if _is_prepared(path):
+            raise UserError(f"'{source}' is a prepared dataset, not a corpus; train on it with --dataset={source}")
+        files = [f for f in _walk_corpus(path, out) if os.path.splitext(f)[1].lower() in FILE_BUILDERS]
         what = f"files in folder '{source}'"
     elif os.path.isfile(path):
         files = [path]
@@ -153,7 +182,7 @@ def source_name(source: str) -> str:
         return EMBEDDED
     if _is_pattern(source):
         source = source.split("*")[0].split("?")[0].split("[")[0] or "corpus"
-    name = os.path.basename(os.path.normpath(os.path.expanduser(source)))
+    name = os.path.basename(os.path.abspath(os.path.expanduser(source)))  # abspath: '.' and '..' get a real name
     if os.path.exists(os.path.expanduser(source)) and os.path.isfile(os.path.expanduser(source)):
         name = os.path.splitext(name)[0]
     elif not _looks_like_path(source) and not os.path.exists(source):
@@ -608,7 +637,7 @@ def prepare(cfg: PrepareSettings) -> str:
     if cfg.tokenizer not in ("gpt2", "char"):
         raise UserError(f"tokenizer must be gpt2 or char; got {cfg.tokenizer!r}")
     split_rule(cfg, None)  # validate val_fraction before any work
-    files = None if cfg.source == EMBEDDED else local_files(cfg.source)
+    files = None if cfg.source == EMBEDDED else local_files(cfg.source, out)
     _check_out(out)
     hub = files is None and cfg.source != EMBEDDED
     if not hub:

@@ -275,6 +275,38 @@ def test_stale_temporary_folders_are_removed(corpus, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["o"]
 
 
+def test_output_inside_the_source_folder_is_not_read_back(tmp_path, capsys):
+    corp = tmp_path / "corp"
+    write_corpus(corp)
+    (corp / ".hidden").mkdir()
+    (corp / ".hidden" / "x.json").write_text("not a corpus")
+    (corp / ".h.txt").write_text("hidden file")
+    out = str(corp / "prepared")
+    assert run_cli(capsys, str(corp), f"--out={out}")[0] == 0
+    code, stdout, err = run_cli(capsys, str(corp), f"--out={out}")
+    assert code == 0 and "up to date" in stdout, err
+    # with the output elsewhere, the earlier one in the source folder is not read either; nor are hidden files
+    other = prepare(PrepareSettings(source=str(corp), out=str(tmp_path / "other")))
+    enc = gpt2_encoding()
+    expected = [t for doc in expected_documents() for t in enc.encode_ordinary(doc) + [GPT2_EOT]]
+    assert stream_tokens(other, "train") + stream_tokens(other, "val") == expected
+    with pytest.raises(UserError, match="is a prepared dataset, not a corpus"):
+        prepare(PrepareSettings(source=out, out=str(tmp_path / "again")))
+
+
+def test_dot_source_gets_the_folders_name(tmp_path, monkeypatch):
+    corp = tmp_path / "corp"
+    write_corpus(corp)
+    monkeypatch.chdir(corp)
+    assert data.default_out(PrepareSettings(source=".", tokenizer="char")) == os.path.join("data", "corp_char")
+    out = prepare(PrepareSettings(source=".", tokenizer="char"))
+    assert out == os.path.join("data", "corp_char")
+    text = "".join(expected_documents())
+    assert load_tokenizer(out).decode(stream_tokens(out, "train") + stream_tokens(out, "val")) == text
+    # the default output lies inside the source folder: a rerun is up to date, not a failure
+    assert prepare(PrepareSettings(source=".", tokenizer="char")) == out
+
+
 # --- bad input: one clear line, exit 2, nothing damaged ----------------------------------------------------------------
 
 
