@@ -153,13 +153,27 @@ def test_char_prepare_round_trips_the_corpus(corpus, tmp_path):
 
 
 def test_txt_paragraph_documents(tmp_path):
-    (tmp_path / "p.txt").write_text("one\ntwo\n\nthree\n\nfour")
+    (tmp_path / "p.txt").write_text("one\ntwo\n\n\nthree\n\n\n\nfour\n")  # breaks around a paragraph are dropped
     out = prepare(PrepareSettings(source=str(tmp_path / "p.txt"), out=str(tmp_path / "o"), txt_documents="paragraph"))
     meta = open_dataset(out).meta
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] - 1 == 3  # one doc is cut by the tail
     enc = gpt2_encoding()
     expected = [t for d in ["one\ntwo", "three", "four"] for t in enc.encode_ordinary(d) + [GPT2_EOT]]
     assert stream_tokens(out, "train") + stream_tokens(out, "val") == expected
+
+
+def test_char_paragraph_documents_keep_the_text_as_is(tmp_path):
+    texts = ["A.\nB.\n\nC.\n\n\nD.\n", "\n\nE.\n\n\n\nF.\r\n\r\nG."]  # nanoGPT's char prep keeps every break
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_bytes(text.encode())
+    text = "".join(texts).replace("\r\n", "\n")
+    for streaming in (False, True):
+        out = prepare(PrepareSettings(source=str(tmp_path / "*.txt"), out=str(tmp_path / f"o{streaming}"),
+                                      tokenizer="char", txt_documents="paragraph", streaming=streaming))
+        ids = stream_tokens(out, "train") + stream_tokens(out, "val")
+        assert streaming or load_tokenizer(out).decode(ids) == text  # a stream's random split reorders documents
+        assert sorted(ids) == sorted(sorted(set(text)).index(c) for c in text)
+        assert open_dataset(out).meta["splits"]["train"]["documents"] > 1
 
 
 def test_streaming_local_files(many_docs, tmp_path):
