@@ -15,7 +15,8 @@ Preparing (`python prepare.py [SOURCE] --tokenizer gpt2|char --out DIR`, or `pre
     - GPT-2 BPE: tiktoken encode_ordinary per document (a literal "<|endoftext|>" in the text is ordinary text),
       then 50256 appended, as nanoGPT does. Character level: the vocabulary is sorted(set(corpus)), ids as in
       nanoGPT's shakespeare_char; documents are concatenated with nothing in between (there is no separator token).
-    - Ids are stored as uint16 when the vocabulary fits (GPT-2 does), else uint32.
+    - Ids are stored as uint16 when the vocabulary fits (GPT-2 does), else uint32, a large_list (int64 offsets) per
+      document.
     - Validation split (--val_split): "tail" keeps the last --val_fraction (default 0.1) of the token stream for
       val, cutting one document in two if needed (nanoGPT's shakespeare recipes); "random" holds out --val_fraction
       (default 0.0005) of the documents chosen with --seed 2357 before tokenizing, exactly nanoGPT's OpenWebText split;
@@ -320,12 +321,19 @@ def _texts(batch, column: str) -> list[str]:
     return [t or "" for t in batch.column(column).to_pylist()]  # a missing text is an empty document
 
 
-def _list_table(lengths: list[int], values: np.ndarray):
+def list_offsets(lengths: list[int]) -> np.ndarray:
+    """Arrow list offsets, int64: a map batch of long documents may hold more than 2**31 tokens, where int32
+    offsets would wrap without an error."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _list_table(lengths: list[int], values):
+    """One row of ids per document, as large_list (int64 offsets)."""
     import pyarrow as pa
 
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)  # one map batch stays far below 2**31 tokens
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.table({"ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+    return pa.table({"ids": pa.LargeListArray.from_arrays(list_offsets(lengths), values)})
 
 
 def tokenize_gpt2(batch, column: str, dtype: str, num_threads: int):
@@ -371,7 +379,7 @@ def ids_dtype(vocab_size: int) -> str:
 def ids_features(dtype: str):
     import datasets
 
-    return datasets.Features({"ids": datasets.List(datasets.Value(dtype))})
+    return datasets.Features({"ids": datasets.LargeList(datasets.Value(dtype))})  # int64 offsets, see _list_table
 
 
 def row_lengths(ds) -> np.ndarray:
@@ -385,9 +393,10 @@ def row_lengths(ds) -> np.ndarray:
 # Splitting
 
 
-def tail_split(ds, fraction: float, features):
+def tail_split(ds, fraction: float):
     """Last `fraction` of the token stream -> val; the document holding the cut is split in two (nanoGPT's 90/10)."""
     import datasets
+    import pyarrow.compute as pc
 
     lengths = row_lengths(ds)
     ends = np.cumsum(lengths)  # (docs,) token offset where each document ends
@@ -395,11 +404,16 @@ def tail_split(ds, fraction: float, features):
     cut = total - max(1, int(round(total * fraction)))  # first val token
     k = int(np.searchsorted(ends, cut, side="right"))  # the document holding token `cut`
     head = cut - (int(ends[k - 1]) if k else 0)  # its tokens that stay in train
-    row = np.asarray(ds[k]["ids"])
+    # its ids as an Arrow view of the mapped file: a Python list of a one-file corpus would take 40 bytes a token
+    row = pc.list_flatten(ds.data.column("ids").slice(k, 1)).combine_chunks()
+
+    def one_document(ids):
+        return datasets.Dataset(_list_table([len(ids)], ids))
+
     train_parts = [ds.select(range(k))] if k else []
-    val_parts = [datasets.Dataset.from_dict({"ids": [row[head:]]}, features=features)]
+    val_parts = [one_document(row[head:])]
     if head:
-        train_parts.append(datasets.Dataset.from_dict({"ids": [row[:head]]}, features=features))
+        train_parts.append(one_document(row[:head]))
     if k + 1 < len(ds):
         val_parts.append(ds.select(range(k + 1, len(ds))))
     if not train_parts:
@@ -622,7 +636,7 @@ def _prepare_in_memory(cfg, files, work, fingerprint_fn):
     else:
         tokens = tokenize(ds, "all")
         _check_not_empty(cfg, [tokens])
-        train, val = tail_split(tokens, fraction, features)
+        train, val = tail_split(tokens, fraction)
         splits = {"train": train, "val": val}
     _check_not_empty(cfg, list(splits.values()))
     return datasets.DatasetDict(splits), chars, vocab_size, dtype, (rule, fraction), fingerprint

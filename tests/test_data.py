@@ -102,8 +102,32 @@ def test_ids_are_uint16_on_disk(prepared):
     for arrow_file in glob.glob(os.path.join(prepared, "*", "*.arrow")):
         with pa.memory_map(arrow_file) as source:
             schema = pa.ipc.open_stream(source).schema
-        assert schema.field("ids").type == pa.list_(pa.uint16())
+        assert schema.field("ids").type == pa.large_list(pa.uint16())  # int64 offsets
     assert TokenStream(prepared, "train").chunks[0].dtype == np.uint16
+
+
+def test_list_offsets_are_int64_and_read_back():
+    import datasets
+
+    # a map batch of more than 2**31 tokens: int32 offsets wrapped to negative numbers without an error
+    assert data.list_offsets([2**31 - 1, 2]).tolist() == [0, 2**31 - 1, 2**31 + 1]
+    table = data._list_table([2, 0, 3], np.arange(5, dtype=np.uint16))
+    ds = datasets.Dataset(table.cast(data.ids_features("uint16").arrow_schema))
+    assert ds["ids"] == [[0, 1], [], [2, 3, 4]]
+    assert data.row_lengths(ds).tolist() == [2, 0, 3]
+
+
+def test_tail_split_reads_no_python_lists(tmp_path, monkeypatch):
+    """The document holding the cut (a one-file corpus: all of it) is sliced in Arrow, not turned into a list."""
+    import datasets
+
+    (tmp_path / "one.txt").write_text(TXT_A * 50)
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", lambda *a: pytest.fail("a row read as Python objects"))
+    out = prepare(PrepareSettings(source=str(tmp_path / "one.txt"), out=str(tmp_path / "o")))
+    monkeypatch.undo()
+    expected = gpt2_encoding().encode_ordinary(TXT_A * 50) + [GPT2_EOT]
+    assert stream_tokens(out, "train") + stream_tokens(out, "val") == expected
+    assert len(stream_tokens(out, "val")) == round(len(expected) * 0.1)
 
 
 def test_tokenizer_saved_beside_the_data(prepared):
