@@ -102,10 +102,16 @@ class PrepareSettings:
 # Reading the corpus
 
 
-def _reason(exc: BaseException) -> str:
-    """The innermost cause of an exception, on one line: datasets wraps the useful message in generic ones."""
+def _innermost(exc: BaseException) -> BaseException:
+    """The innermost cause of an exception: datasets wraps the useful one in generic ones."""
     while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
         exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of an exception, on one line."""
+    exc = _innermost(exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip(": ")
 
@@ -249,6 +255,18 @@ def load_paragraphs(files: list[str], keep_breaks: bool, path: str, streaming: b
     return datasets.Dataset.from_file(path)
 
 
+def read_error(what: str, exc: Exception, whole_txt_files: bool) -> UserError:
+    """A corpus that cannot be read, on one line: which and why, and the fix when we know it.
+
+    whole_txt_files: .txt files read one document per file, where --txt_documents=paragraph is a way out."""
+    import pyarrow as pa
+
+    if isinstance(_innermost(exc), pa.ArrowCapacityError):  # one Arrow string holds at most 2 GiB
+        fix = "split it into smaller files" + (" or use --txt_documents=paragraph" if whole_txt_files else "")
+        return UserError(f"could not read {what}: it holds a document over 2 GiB, more than Arrow can; {fix}")
+    return UserError(f"could not read {what}: {_reason(exc)}")
+
+
 def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming: bool = False):
     """Files -> one Dataset, in sorted file order; runs of files of one format are read by one datasets builder
     (.txt paragraphs by txt_paragraphs)."""
@@ -271,7 +289,8 @@ def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming
                 )
         except Exception as exc:  # a user's file that does not parse: say which and why, no traceback
             others = " (or another of its group)" if len(group) > 1 else ""
-            raise UserError(f"could not read {group[0]}{others}: {_reason(exc)}") from None
+            whole_txt_files = builder == "text" and cfg.txt_documents == "file"
+            raise read_error(f"{group[0]}{others}", exc, whole_txt_files) from None
         finally:
             quiet.setLevel(level)
         parts.append(ds)

@@ -382,6 +382,22 @@ def test_bad_input_is_one_line_exit_2(args, message, corpus, tmp_path, capsys):
     assert (tmp_path / "not_ours" / "precious.txt").read_text() == "keep me"
 
 
+def test_txt_file_over_2_gib_names_the_fix(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def too_big(*args, **kwargs):  # what datasets raises for a .txt document over 2 GiB, without writing one
+        try:
+            raise pa.ArrowCapacityError("array cannot contain more than 2147483646 bytes, have 2147483658")
+        except pa.ArrowCapacityError as exc:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from exc
+
+    monkeypatch.setattr(datasets, "load_dataset", too_big)
+    (tmp_path / "big.txt").write_text("pretend this is 2.1 GB")
+    code, _, err = run_cli(capsys, str(tmp_path / "big.txt"), f"--out={tmp_path}/o")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "over 2 GiB" in err and "split it into smaller files or use --txt_documents=paragraph" in err
+
+
 def test_bad_input_does_not_touch_an_existing_prepared_folder(prepared, tmp_path, capsys):
     before = open(os.path.join(prepared, "meta.json")).read()
     code, _, err = run_cli(capsys, str(tmp_path / "missing.txt"), f"--out={prepared}")
