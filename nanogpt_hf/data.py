@@ -39,6 +39,7 @@ Loading and sampling:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -255,14 +256,30 @@ def load_paragraphs(files: list[str], keep_breaks: bool, path: str, streaming: b
     return datasets.Dataset.from_file(path)
 
 
-def read_error(what: str, exc: Exception, whole_txt_files: bool) -> UserError:
-    """A corpus that cannot be read, on one line: which and why, and the fix when we know it.
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets' parsers log the traceback of a bad file before raising it: we report it on one line instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
-    whole_txt_files: .txt files read one document per file, where --txt_documents=paragraph is a way out."""
+
+def whole_txt_files(files: list[str] | None, cfg: PrepareSettings) -> bool:
+    """Whether .txt files are read one document per file (--txt_documents=paragraph reads any size)."""
+    txt = any(FILE_BUILDERS[os.path.splitext(f)[1].lower()] == "text" for f in files or [])
+    return txt and cfg.txt_documents == "file"
+
+
+def read_error(what: str, exc: Exception, whole_txt: bool) -> UserError:
+    """A corpus that cannot be read, on one line: which and why, and the fix when we know it."""
     import pyarrow as pa
 
     if isinstance(_innermost(exc), pa.ArrowCapacityError):  # one Arrow string holds at most 2 GiB
-        fix = "split it into smaller files" + (" or use --txt_documents=paragraph" if whole_txt_files else "")
+        fix = "split it into smaller files" + (" or use --txt_documents=paragraph" if whole_txt else "")
         return UserError(f"could not read {what}: it holds a document over 2 GiB, more than Arrow can; {fix}")
     return UserError(f"could not read {what}: {_reason(exc)}")
 
@@ -276,23 +293,18 @@ def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming
     for builder, group in itertools.groupby(files, key=lambda f: FILE_BUILDERS[os.path.splitext(f)[1].lower()]):
         group = list(group)
         kwargs = {"sample_by": "document"} if builder == "text" else {}  # .txt: one document per file
-        quiet = logging.getLogger("datasets")  # its parsers log the traceback we turn into one line below
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
         try:
-            if builder == "text" and cfg.txt_documents == "paragraph":
-                path = os.path.join(cache_dir, f"paragraphs-{len(parts)}.arrow")
-                ds = load_paragraphs(group, cfg.tokenizer == "char", path, streaming)
-            else:
-                ds = datasets.load_dataset(
-                    builder, data_files=group, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs
-                )
+            with _quiet_datasets():
+                if builder == "text" and cfg.txt_documents == "paragraph":
+                    path = os.path.join(cache_dir, f"paragraphs-{len(parts)}.arrow")
+                    ds = load_paragraphs(group, cfg.tokenizer == "char", path, streaming)
+                else:
+                    ds = datasets.load_dataset(
+                        builder, data_files=group, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs
+                    )
         except Exception as exc:  # a user's file that does not parse: say which and why, no traceback
             others = " (or another of its group)" if len(group) > 1 else ""
-            whole_txt_files = builder == "text" and cfg.txt_documents == "file"
-            raise read_error(f"{group[0]}{others}", exc, whole_txt_files) from None
-        finally:
-            quiet.setLevel(level)
+            raise read_error(f"{group[0]}{others}", exc, whole_txt_files(group, cfg)) from None
         parts.append(ds)
     if len(parts) == 1:
         return parts[0]
@@ -677,7 +689,14 @@ def _prepare_streaming(cfg, files, work):
         import pyarrow as pa
 
         it = iter(stream)
-        while batch := list(itertools.islice(it, MAP_BATCH)):
+        while True:
+            try:
+                with _quiet_datasets():
+                    batch = list(itertools.islice(it, MAP_BATCH))  # reading is lazy: a bad file fails only here
+            except Exception as exc:
+                raise read_error(cfg.source, exc, whole_txt_files(files, cfg)) from None
+            if not batch:
+                return
             if cfg.text_column not in batch[0]:  # a stream may not know its columns before the first row
                 raise missing_column(cfg.text_column, batch[0])
             yield pa.table({cfg.text_column: [row[cfg.text_column] for row in batch]})
@@ -704,15 +723,21 @@ def _prepare_streaming(cfg, files, work):
             writer.write_table(table.filter(~is_val).cast(features.arrow_schema))
         writer.finalize()
     train = datasets.Dataset.from_file(train_path)
-    if train.num_rows == 0:
+    documents = train.num_rows + len(val_rows)
+    if documents == 0:
         raise UserError(f"the corpus '{cfg.source}' holds no documents")
     import pyarrow as pa
 
-    val_table = pa.concat_tables(val_rows).cast(features.arrow_schema) if val_rows else None
-    if val_table is None:  # a tiny stream: hold out its last document rather than nothing
+    if val_rows:
+        val = datasets.Dataset(pa.concat_tables(val_rows).cast(features.arrow_schema))
+    else:  # a tiny stream: hold out its last document rather than nothing
         train, val = train.select(range(train.num_rows - 1)), train.select([train.num_rows - 1])
-    else:
-        val = datasets.Dataset(val_table)
+    if train.num_rows == 0:
+        raise UserError(
+            f"the stream '{cfg.source}' holds {documents} document(s), too few for a train and a val split; "
+            "prepare it without --streaming (the tail split cuts a document in two)"
+        )
+    _check_not_empty(cfg, [train, val])
     return datasets.DatasetDict({"train": train, "val": val}), chars, vocab_size, dtype, ("random", fraction)
 
 

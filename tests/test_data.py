@@ -212,6 +212,24 @@ def test_streaming_local_files(many_docs, tmp_path):
     assert len(stream_tokens(out, "train")) + len(stream_tokens(out, "val")) == sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
 
 
+@pytest.mark.parametrize("txt_documents", ["file", "paragraph"])
+def test_streaming_read_errors_are_one_line(tmp_path, capsys, txt_documents):
+    (tmp_path / "latin1.txt").write_bytes("café\n\nnaïve\n".encode("latin-1"))
+    code, _, err = run_cli(capsys, str(tmp_path / "latin1.txt"), f"--out={tmp_path}/o", "--streaming=true",
+                           f"--txt_documents={txt_documents}")
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: could not read") and "UnicodeDecodeError" in err
+    assert sorted(os.listdir(tmp_path)) == ["latin1.txt"]
+
+
+def test_streaming_refuses_an_empty_train_split(tmp_path, capsys):
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "a single document"}) + "\n")
+    code, out, err = run_cli(capsys, str(tmp_path / "one.jsonl"), f"--out={tmp_path}/o", "--streaming=true")
+    assert code == 2 and "prepared" not in out
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and "1 document" in last and "without --streaming" in last, err
+
+
 # --- windows ---------------------------------------------------------------------------------------------------------
 
 
