@@ -755,8 +755,9 @@ def prepare(cfg: PrepareSettings) -> str:
         if not cfg.force and _up_to_date(out, fingerprint):
             print(f"{out} is up to date (fingerprint {fingerprint}); nothing to do (--force prepares it again)")
             return out
-    _remove_stale_work(out)
-    parent, base = os.path.split(os.path.abspath(out))
+    target = os.path.realpath(out)  # a symlinked out: the folder it points to is replaced, the link stays
+    _remove_stale_work(target)
+    parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     work = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
@@ -796,7 +797,7 @@ def prepare(cfg: PrepareSettings) -> str:
         with open(os.path.join(tmp_out, META_FILE), "w", encoding="utf-8") as fh:  # written last: marks completion
             json.dump(meta, fh, indent=2)
         del dd  # release memory maps of the work files before deleting them
-        _install(tmp_out, out)
+        _install(tmp_out, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _summary(out, meta, time.time() - t0)

@@ -363,6 +363,16 @@ def test_dot_source_gets_the_folders_name(tmp_path, monkeypatch):
     assert prepare(PrepareSettings(source=".", tokenizer="char")) == out
 
 
+def test_symlinked_out_stays_a_link(corpus, tmp_path):
+    (tmp_path / "disk").mkdir()
+    os.symlink(tmp_path / "disk", tmp_path / "link")
+    for force in (False, True):  # into the empty target, then over the prepared one
+        prepare(PrepareSettings(source=corpus, out=str(tmp_path / "link"), force=force))
+        assert os.path.islink(tmp_path / "link") and (tmp_path / "disk" / "meta.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["disk", "link"]
+    assert stream_tokens(str(tmp_path / "link"), "train")
+
+
 # --- bad input: one clear line, exit 2, nothing damaged ----------------------------------------------------------------
 
 
