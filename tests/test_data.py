@@ -465,6 +465,16 @@ def test_open_dataset_and_training_checks(prepared, tmp_path):
         sample_batch(ds.stream("val"), seed=0, step=0, index=0, batch_size=1, block_size=10_000)
 
 
+def test_a_local_shakespeare_folder_wins_over_the_embedded_corpus(tmp_path, monkeypatch, capsys):
+    (tmp_path / "shakespeare").mkdir()
+    (tmp_path / "shakespeare" / "input.txt").write_text(TXT_A)
+    monkeypatch.chdir(tmp_path)
+    out = prepare(PrepareSettings(source="shakespeare", tokenizer="char"))
+    assert out == os.path.join("data", "shakespeare_char")
+    assert load_tokenizer(out).decode(stream_tokens(out, "train") + stream_tokens(out, "val")) == TXT_A
+    assert "local" in capsys.readouterr().out
+
+
 def test_embedded_corpus_default_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = prepare(PrepareSettings(tokenizer="char"))
@@ -473,3 +483,4 @@ def test_embedded_corpus_default_out(tmp_path, monkeypatch):
     assert meta["vocab_size"] < 100 and meta["splits"]["train"]["tokens"] > 4_000_000
     x, y = sample_batch(TokenStream(out, "train"), seed=0, step=0, index=0, batch_size=2, block_size=64)
     assert int(x.max()) < meta["vocab_size"]
+
