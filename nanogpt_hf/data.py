@@ -681,7 +681,12 @@ def _prepare_streaming(cfg, files, work):
 
     cache_dir = os.path.join(work, "cache")
     os.makedirs(cache_dir, exist_ok=True)
-    stream = load_local(files, cfg, cache_dir, streaming=True) if files is not None else load_hub(cfg)
+    if files is not None:
+        stream = load_local(files, cfg, cache_dir, streaming=True)
+    elif cfg.source == EMBEDDED:
+        stream = load_embedded().to_iterable_dataset()
+    else:
+        stream = load_hub(cfg)
     if cfg.text_column not in (stream.column_names or [cfg.text_column]):
         raise missing_column(cfg.text_column, stream.column_names)
 

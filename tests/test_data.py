@@ -484,3 +484,8 @@ def test_embedded_corpus_default_out(tmp_path, monkeypatch):
     x, y = sample_batch(TokenStream(out, "train"), seed=0, step=0, index=0, batch_size=2, block_size=64)
     assert int(x.max()) < meta["vocab_size"]
 
+
+def test_streaming_the_embedded_corpus(tmp_path):
+    out = prepare(PrepareSettings(out=str(tmp_path / "s"), streaming=True))  # was sent to the Hub
+    meta = open_dataset(out).meta
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 42
