@@ -4,10 +4,10 @@ Preparing (`python prepare.py [SOURCE] --tokenizer gpt2|char --out DIR`, or `pre
 
     corpus --load--> documents (one text column) --datasets.map(num_proc)--> ids per document --split--> DIR/
 
-    SOURCE is "shakespeare" (the embedded Project Gutenberg corpus, works offline; a local path of that name wins),
-    a local file, folder or glob (.txt, .jsonl/.json, .parquet; a folder means every such file under it, in sorted
-    order, skipping hidden files and folders, the output folder and prepared datasets), or a Hub dataset id
-    (through datasets.load_dataset, optionally streaming).
+    SOURCE is "shakespeare" (the embedded Project Gutenberg corpus, works offline), a local file, folder or glob
+    (.txt, .jsonl/.json, .parquet; a folder means every such file under it, in sorted order, skipping hidden files
+    and folders, the output folder and prepared datasets), or a Hub dataset id (through datasets.load_dataset,
+    optionally streaming).
     - .txt files: one document per file (nanoGPT's shakespeare treats its one file the same way); with
       --txt_documents=paragraph every blank-line-separated paragraph is a document (txt_paragraphs: GPT-2 drops the
       line breaks around it, char keeps them all, so its stream is the text as is). Text is read as UTF-8 with
@@ -752,9 +752,9 @@ def prepare(cfg: PrepareSettings) -> str:
     if cfg.tokenizer not in ("gpt2", "char"):
         raise UserError(f"tokenizer must be gpt2 or char; got {cfg.tokenizer!r}")
     split_rule(cfg, None)  # validate val_fraction before any work
-    files = local_files(cfg.source, out)  # a local path named like the embedded corpus is what the user means
-    if files is not None and cfg.source == EMBEDDED:
-        print(f"reading the local '{EMBEDDED}', not the embedded corpus (run elsewhere to prepare that one)")
+    files = None if cfg.source == EMBEDDED else local_files(cfg.source, out)
+    if cfg.source == EMBEDDED and os.path.exists(EMBEDDED):  # the name stays the corpus train.py's default uses
+        print(f"'{EMBEDDED}' is the embedded corpus; for the local '{EMBEDDED}', pass ./{EMBEDDED}")
     _check_out(out)
     hub = files is None and cfg.source != EMBEDDED
     if not hub:

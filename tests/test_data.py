@@ -465,16 +465,6 @@ def test_open_dataset_and_training_checks(prepared, tmp_path):
         sample_batch(ds.stream("val"), seed=0, step=0, index=0, batch_size=1, block_size=10_000)
 
 
-def test_a_local_shakespeare_folder_wins_over_the_embedded_corpus(tmp_path, monkeypatch, capsys):
-    (tmp_path / "shakespeare").mkdir()
-    (tmp_path / "shakespeare" / "input.txt").write_text(TXT_A)
-    monkeypatch.chdir(tmp_path)
-    out = prepare(PrepareSettings(source="shakespeare", tokenizer="char"))
-    assert out == os.path.join("data", "shakespeare_char")
-    assert load_tokenizer(out).decode(stream_tokens(out, "train") + stream_tokens(out, "val")) == TXT_A
-    assert "local" in capsys.readouterr().out
-
-
 def test_embedded_corpus_default_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = prepare(PrepareSettings(tokenizer="char"))
@@ -489,3 +479,13 @@ def test_streaming_the_embedded_corpus(tmp_path):
     out = prepare(PrepareSettings(out=str(tmp_path / "s"), streaming=True))  # was sent to the Hub
     meta = open_dataset(out).meta
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 42
+
+
+def test_the_name_shakespeare_is_the_embedded_corpus_even_beside_a_local_folder(tmp_path, monkeypatch, capsys):
+    # train.py prepares its default dataset from this name: a folder of the user's must not change what it means
+    (tmp_path / "shakespeare").mkdir()
+    (tmp_path / "shakespeare" / "input.txt").write_text(TXT_A)
+    monkeypatch.chdir(tmp_path)
+    out = prepare(PrepareSettings(source="shakespeare", tokenizer="char"))
+    assert open_dataset(out).meta["splits"]["train"]["tokens"] > 4_000_000
+    assert "for the local 'shakespeare', pass ./shakespeare" in capsys.readouterr().out
