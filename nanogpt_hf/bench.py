@@ -12,9 +12,9 @@ Three modes (`python bench.py --mode=...`, or `accelerate launch bench.py ...` f
 - generate: greedy tokens/s of generating N tokens with the KV cache (sampling.generate_ids, what sample.py runs)
   against full recomputation the way nanoGPT samples (a full forward over the cropped context for every token), on
   the same model from the same prompt; the tokens must be identical. Beyond block_size both condition on the same
-  sliding window (sampling.py's policy: the context is cropped to 3/4 block_size when it overflows); nanoGPT's own window
-  is always full (block_size), so its per-token cost is, if anything, higher than the reference loop's here: the
-  printed speed-up is conservative. Both run the same model in the same dtype (sample.py's: the model cast to it).
+  sliding window (sampling.py's policy: the context is cropped to 3/4 block_size when it overflows); nanoGPT's own
+  window is always full (block_size), so its per-token cost is, if anything, higher than the reference loop's here:
+  the printed speed-up is conservative. Both run the same model in the same dtype (sample.py's: the model cast to it).
   In bf16 the full recompute gains more from fast matmuls than one-token decoding does, so the speed-up is smaller
   than in float32 (nanoGPT itself samples in float32 on CPU).
 
