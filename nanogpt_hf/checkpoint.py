@@ -168,6 +168,13 @@ def discard_states(out_dir: str) -> None:
         _discard(path)
 
 
+def prune_states(out_dir: str, keep: int) -> None:
+    """Keep the newest `keep` states (all with 0). Also run on resume: a run killed between writing a state and
+    pruning the old ones left one too many."""
+    for _, old in state_dirs(out_dir)[:-keep] if keep > 0 else []:
+        _discard(old)
+
+
 def read_trainer_state(path: str) -> dict:
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
         return json.load(fh)
@@ -208,8 +215,7 @@ def save_state(accelerator, out_dir: str, step: int, trainer_state: dict, keep: 
                 _discard(final)
             os.replace(tmp, final)
             _fsync_dir(root)
-            for _, old in state_dirs(out_dir)[:-keep] if keep > 0 else []:
-                _discard(old)
+            prune_states(out_dir, keep)
         except Exception as exc:
             failure = (io_failure(exc, tmp), exc)
     if failed is None:

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from .checkpoint import (discard_states, latest_state, read_trainer_state, save_model_folder, save_state,
-                         state_dirs)
+from .checkpoint import (discard_states, latest_state, prune_states, read_trainer_state, save_model_folder,
+                         save_state, state_dirs)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError, first_line
@@ -359,6 +359,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     iter_num, best_val_loss, tokens_seen, evaluated = 0, math.inf, 0, False
     if state_dir:
         accelerator.load_state(state_dir)  # weights, optimizer, RNG of every process
+        if accelerator.is_main_process:
+            prune_states(s.out_dir, s.keep_states)
         ts = read_trainer_state(state_dir)
         iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
         evaluated = ts.get("evaluated", False)  # saved right after this step's evaluation: do not repeat it

@@ -349,6 +349,19 @@ def test_a_corpus_without_newlines_still_ends_with_a_sample(tmp_path, capsys):
     assert "---------- sample from" in capsys.readouterr().out
 
 
+def test_resume_prunes_states_beyond_keep_states(char_data, tmp_path):
+    # a run killed between writing a state and pruning the old ones left one too many; resuming at the end saves
+    # nothing new, so the resume itself must prune
+    from nanogpt_hf.checkpoint import state_dirs
+
+    assert train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, keep_states=0)) == 0
+    assert [step for step, _ in state_dirs(str(tmp_path))] == [2, 4, 6]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(tiny(char_data, tmp_path, init_from="resume", keep_states=2),
+                 explicit={"init_from": "resume", "keep_states": 2}) == 0
+    assert [step for step, _ in state_dirs(str(tmp_path))] == [4, 6]
+
+
 def test_resume_refuses_architecture_changes(char_data, tmp_path):
     assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
     from accelerate.state import AcceleratorState
