@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanogpt_hf.data import EMBEDDED_PATH, PrepareSettings, TokenStream, prepare, sample_batch  # noqa: E402
+from nanogpt_hf.data import (EMBEDDED_PATH, PrepareSettings, TokenStream, ids_features, list_offsets, prepare,  # noqa: E402
+                             sample_batch)
 from nanogpt_hf.tokenization import gpt2_encoding  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def write_big_split(path: str, tokens: int, row_tokens: int = 1 << 20) -> None:
     import datasets
     import pyarrow as pa
 
-    features = datasets.Features({"ids": datasets.List(datasets.Value("uint16"))})
+    features = ids_features("uint16")  # the storage prepare.py writes (large_list: int64 offsets)
     small = datasets.Dataset.from_dict({"ids": [[1, 2, 3]]}, features=features)
     datasets.DatasetDict({"train": small, "val": small}).save_to_disk(path)
     (arrow_file,) = [f for f in os.listdir(os.path.join(path, "train")) if f.endswith(".arrow")]
@@ -122,8 +123,8 @@ def write_big_split(path: str, tokens: int, row_tokens: int = 1 << 20) -> None:
         with pa.ipc.new_stream(sink, features.arrow_schema) as writer:
             for _ in range(rows):
                 values = pa.array(rng.integers(0, 50257, row_tokens, dtype=np.uint16))
-                offsets = pa.array(np.array([0, row_tokens], dtype=np.int32))
-                writer.write_batch(pa.record_batch([pa.ListArray.from_arrays(offsets, values)], schema=features.arrow_schema))
+                ids = pa.LargeListArray.from_arrays(list_offsets([row_tokens]), values)
+                writer.write_batch(pa.record_batch([ids], schema=features.arrow_schema))
     meta = {"format": "nanogpt_hf.prepared", "version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16",
             "splits": {"train": {"documents": rows, "tokens": rows * row_tokens}, "val": {"documents": 1, "tokens": 3}},
             "source": "benchmark", "fingerprint": "benchmark"}

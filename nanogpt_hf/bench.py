@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import resource
 import statistics
 import time
@@ -89,6 +90,11 @@ def resolve(s: BenchSettings, device_type: str) -> BenchSettings:
             raise UserError(f"setting '{name}' must be at least 1, got {getattr(s, name)}")
     if s.warmup < 0:
         raise UserError(f"setting 'warmup' must be >= 0, got {s.warmup}")
+    if s.profile:  # before the benchmark runs: torch's trace writer crashes the process on a bad folder
+        try:
+            os.makedirs(s.profile, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot use --profile={s.profile}: {exc.strerror}; give a folder to write into") from None
     return s
 
 

@@ -58,8 +58,12 @@ def staged_output(out_dir: str, force: bool = False):
     check_output_dir(out_dir, force)
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)  # same disk, so the final rename is atomic
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)  # same disk, so the final rename is atomic
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
+        raise UserError(f"cannot create OUT_DIR '{out_dir}': {exc.strerror} ({exc.filename}); "
+                        "choose another folder") from None
     try:
         yield tmp
         old = None
@@ -225,7 +229,8 @@ def convert_nanogpt(ckpt_path: str, out_dir: str, meta_path: str | None = None, 
     info = {
         "title": os.path.basename(os.path.abspath(out_dir)),
         "source": f"Converted from the nanoGPT checkpoint `{os.path.basename(ckpt_path)}` with "
-                  "`nanogpt-hf convert-nanogpt`; it generates the same tokens as nanoGPT's model.py.",
+                  "`nanogpt-hf convert-nanogpt`; it computes the same logits as nanoGPT's model.py (generate() also "
+                  "stops at an end-of-text token, which nanoGPT's sampling never does).",
         "recipe": "nanoGPT train.py",
         "dataset": config.get("dataset"),
         "settings": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))} or None,

@@ -123,7 +123,8 @@ A stock GPT-2 (`GPT2LMHeadModel`) checkpoint: plain transformers loads it, no cu
     register = "import nanogpt_hf  # registers NanoGPTConfig / NanoGPTForCausalLM with the Auto classes\n"
     return f"""## How to load it
 
-With `nanogpt_hf` installed (`pip install nanogpt-hf`), importing it registers the `nanogpt` model type:
+With the `nanogpt_hf` package installed (`pip install -e .` in a clone of its repository), importing it registers
+the `nanogpt` model type:
 
 {_load_snippet(ref, prompt, block_size, register)}
 Without it, the model code stored beside the weights (`modeling_nanogpt.py`, `configuration_nanogpt.py`) is used:
@@ -176,6 +177,10 @@ def model_card(folder: str, info: dict | None = None) -> ModelCard:
 
     datasets = info.get("dataset")
     datasets = [datasets] if isinstance(datasets, str) else datasets
+    # the card's metadata names Hub ids only: a local path would publish the user's file system (the Training
+    # section still says where the data came from)
+    datasets = [d for d in datasets or [] if is_hub_id(d)]
+    base_model = info.get("base_model") if is_hub_id(info.get("base_model")) else None
     tags = ["nanogpt", "gpt2", "text-generation", "causal-lm"] + [t for t in info.get("tags", []) if t]
     card_data = ModelCardData(
         library_name="transformers",
@@ -183,10 +188,10 @@ def model_card(folder: str, info: dict | None = None) -> ModelCard:
         tags=list(dict.fromkeys(tags)),  # de-duplicated, order kept
         datasets=datasets or None,
         license=info.get("license"),
-        base_model=info.get("base_model"),
+        base_model=base_model,
     )
 
-    ref = info.get("repo_id") or "path/to/this/folder"
+    ref = info.get("repo_id") or PLACEHOLDER_REF
     # not the folder's name: checkpoints are written into a temporary folder and renamed into place
     title = info.get("title") or info.get("repo_id") or f"nanoGPT {_human(n_params)}-parameter language model"
     tokenizer = _tokenizer_description(folder, info)
@@ -279,8 +284,33 @@ def describe_hub_error(exc: BaseException, repo_id: str) -> str:
     return first if first == type(exc).__name__ else f"{type(exc).__name__}: {first}"
 
 
+PLACEHOLDER_REF = "path/to/this/folder"  # the card's loading snippets before the folder has a Hub id
+
+
+def resolve_repo_id(api: HfApi, repo_id: str) -> str:
+    """'name' -> 'user/name': the Hub creates a repository named without a namespace under the token's user, and
+    commits, links and the card's snippets need the full id."""
+    return repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}"
+
+
+def is_hub_id(ref: str | None) -> bool:
+    """'gpt2', 'user/name': a Hub id, not a local path ('/data/x', './x', 'C:\\x', an existing folder)."""
+    if not ref or os.path.isabs(ref) or ref.startswith((".", "~")) or os.path.exists(ref):
+        return False
+    return ref.count("/") <= 1 and "\\" not in ref and ":" not in ref
+
+
 def _commit_folder(api: HfApi, repo_id: str, folder: str, commit_message: str):
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+    def content(name):
+        path = os.path.join(folder, name)
+        if name == "README.md":  # a card written before the repo was known: its snippets name the repo instead
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            if PLACEHOLDER_REF in text:
+                return text.replace(f'"{PLACEHOLDER_REF}"', f'"{repo_id}"').encode("utf-8")
+        return path
+
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content(name))
                   for name in files_to_upload(folder)]
     return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
                              repo_type="model")
@@ -303,6 +333,7 @@ def push_checkpoint(folder: str, repo_id: str, private: bool = False, token: str
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_id = url.repo_id  # with the namespace the Hub chose for a bare name
         _commit_folder(api, repo_id, folder, commit_message or f"Upload {os.path.basename(os.path.abspath(folder))}")
     except Exception as exc:  # any Hub/network problem becomes one line for the user
         raise UserError(f"push of '{folder}' to '{repo_id}' failed: {describe_hub_error(exc, repo_id)}") from None
@@ -328,10 +359,13 @@ class HubPusher:
     def __init__(self, repo_id: str, private: bool = False, token: str | None = None, strategy: str = "end"):
         if strategy not in STRATEGIES:
             raise UserError(f"hub strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-        self.repo_id = repo_id
         self.private = private
         self.strategy = strategy
         self.api = HfApi(token=token)
+        try:
+            self.repo_id = resolve_repo_id(self.api, repo_id)  # the full id, for the model card written meanwhile
+        except Exception:  # offline or no token: the first push says so, training goes on
+            self.repo_id = repo_id
         self.failures = 0
         self.pushed = 0
         self._repo_ready = False  # only touched on the upload thread
@@ -402,7 +436,8 @@ class HubPusher:
     def _upload(self, folder: str, snapshot: str, commit_message: str) -> bool:
         try:
             if not self._repo_ready:
-                self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
+                url = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
+                self.repo_id = url.repo_id
                 self._repo_ready = True
             _commit_folder(self.api, self.repo_id, snapshot, commit_message)
             self.pushed += 1

@@ -409,7 +409,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
     pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
     if pusher:
-        card["repo_id"] = hub_id
+        card["repo_id"] = pusher.repo_id  # with its namespace
 
     def save_model(losses: dict):
         card.update(steps=iter_num, tokens_seen=tokens_seen, train_loss=losses["train"], val_loss=losses["val"],
@@ -432,6 +432,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
     progress = tqdm(total=s.max_iters, initial=iter_num, desc="training", disable=not main, dynamic_ncols=True)
     t0, last_log_iter, running_mfu = time.perf_counter(), iter_num, -1.0
+    first_iter = iter_num
     exit_code = 0
     with StopRequest() as stop, progress:  # closing the bar first puts an error message on a line of its own
         while True:
@@ -481,16 +482,17 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 if not math.isfinite(loss):
                     raise non_finite(loss, iter_num, s.out_dir)
                 dt = (time.perf_counter() - t0) / (iter_num - last_log_iter)
+                warm = last_log_iter - first_iter >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
                 t0, last_log_iter = time.perf_counter(), iter_num
                 event = {"type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
                          "tokens_per_s": tokens_per_iter / dt}
-                if peak:
+                if peak and warm:
                     mfu = raw_model.estimate_mfu(s.batch_size * accum, dt, peak, seq_len=s.block_size)
                     running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
                     event["mfu"] = running_mfu
                 if main:
                     metrics.write(event)
-                    mfu_text = f", mfu {running_mfu * 100:.2f}%" if peak else ""
+                    mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""
                     progress.write(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
                                    f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
                     progress.set_postfix(loss=f"{loss:.4f}")

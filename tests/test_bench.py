@@ -62,6 +62,12 @@ def test_train_mode_prints_its_figures(capsys, tmp_path):
     assert glob.glob(str(tmp_path / "trace" / "*.json")), "no profiler trace written"
 
 
+def test_profile_into_a_file_is_a_clear_error(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")  # torch's trace writer would crash the process after the benchmark
+    assert bench_main(["--mode=train", *TINY, f"--profile={tmp_path / 'afile'}"]) == 2
+    assert "cannot use --profile" in capsys.readouterr().err
+
+
 def test_train_mode_with_accumulation_and_bf16(capsys):
     out = bench(capsys, "--mode=train", *TINY, "--warmup=0", "--iters=2", "--gradient_accumulation_steps=2",
                 "--dtype=bfloat16")

@@ -227,6 +227,7 @@ def _bad_inputs(root):
         "--meta not a pickle": ["convert-nanogpt", good, root / "out", "--meta", root / "plainfile"],
         "non-empty out dir": ["convert-nanogpt", good, root / "full"],
         "out is a file": ["convert-nanogpt", good, root / "plainfile"],
+        "out inside a file": ["convert-nanogpt", good, root / "plainfile" / "hf"],
         "--force on a folder that is no checkpoint": ["convert-nanogpt", good, root / "full", "--force"],
         "--force on the folder holding the input": ["convert-nanogpt", good, good.parent, "--force"],
         "export missing": ["export-gpt2", root / "nope", root / "out"],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, RepoUrl
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import hf_main
@@ -57,18 +57,21 @@ def hub(monkeypatch):
 
     def create_repo(self, repo_id, **kw):
         calls["repos"].append(dict(repo_id=repo_id, **kw))
-        return f"https://huggingface.co/{repo_id}"
+        namespace = "" if "/" in repo_id else "alice/"  # as the Hub does: a bare name goes under the token's user
+        return RepoUrl(f"https://huggingface.co/{namespace}{repo_id}")
 
     def create_commit(self, repo_id, operations, *, commit_message, **kw):
         if calls["gate"] is not None:
             calls["gate"].wait(10)
         if calls["fail"] is not None:
             raise calls["fail"]
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        files = {op.path_in_repo: op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
+                 else Path(op.path_or_fileobj).read_bytes() for op in operations}
         calls["commits"].append(dict(repo_id=repo_id, message=commit_message, files=files, **kw))
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **kw: {"name": "alice"})
     return calls
 
 
@@ -253,3 +256,24 @@ def test_push_checkpoint_and_cli(checkpoint, hub, capsys):
     assert hf_main(["push", str(checkpoint), "alice/model"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_a_bare_repo_name_is_pushed_under_the_users_namespace(checkpoint, hub):
+    write_model_card(checkpoint, {})  # written before any repo id was known
+    assert push_checkpoint(str(checkpoint), "model") == "https://huggingface.co/alice/model"
+    commit = hub["commits"][0]
+    assert commit["repo_id"] == "alice/model"
+    card = commit["files"]["README.md"].decode()
+    assert 'from_pretrained("alice/model")' in card and "path/to/this/folder" not in card
+    assert HubPusher("model").repo_id == "alice/model"  # the id training writes into its cards
+
+
+def test_card_metadata_names_hub_ids_not_local_paths(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "m")
+    (tmp_path / "corpus.txt").write_text("x")
+    write_model_card(tmp_path / "m", {"dataset": str(tmp_path / "corpus.txt"), "base_model": str(tmp_path / "m")})
+    data = ModelCard.load(tmp_path / "m" / "README.md").data.to_dict()
+    assert "datasets" not in data and "base_model" not in data
+    write_model_card(tmp_path / "m", {"dataset": "Skylion007/openwebtext", "base_model": "gpt2"})
+    data = ModelCard.load(tmp_path / "m" / "README.md").data.to_dict()
+    assert data["datasets"] == ["Skylion007/openwebtext"] and data["base_model"] == "gpt2"

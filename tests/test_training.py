@@ -133,6 +133,14 @@ def test_every_shipped_recipe_is_valid(recipe):
     assert s.out_dir.startswith("out/")
 
 
+def test_perplexity_is_exp_of_the_token_weighted_mean_loss():
+    from nanogpt_hf.metrics import perplexity
+
+    assert perplexity([2.0, 4.0], [1, 3]) == pytest.approx(math.exp(3.5))
+    assert perplexity([800.0], [1]) == math.inf  # a diverging run: a number, not an OverflowError
+    assert math.isnan(perplexity([math.nan], [1]))
+
+
 def test_lr_schedule_is_nanogpts():
     args = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
     assert get_lr(0, **args) == pytest.approx(1e-3 * 1 / 11)
@@ -349,6 +357,12 @@ def test_a_corpus_without_newlines_still_ends_with_a_sample(tmp_path, capsys):
     assert "---------- sample from" in capsys.readouterr().out
 
 
+def test_mfu_leaves_out_the_first_five_steps(char_data, tmp_path):
+    # the first step's warm-up (and compilation on a GPU) would drag the running MFU down for many logs
+    assert train(tiny(char_data, tmp_path, max_iters=8, eval_interval=8)) == 0
+    assert ["mfu" in e for e in metrics(tmp_path, "train")] == [False] * 5 + [True] * 3
+
+
 def test_resume_prunes_states_beyond_keep_states(char_data, tmp_path):
     # a run killed between writing a state and pruning the old ones left one too many; resuming at the end saves
     # nothing new, so the resume itself must prune
@@ -454,7 +468,9 @@ def test_push_to_hub_from_training_uploads_and_survives_failure(char_data, tmp_p
     from huggingface_hub import HfApi
 
     commits = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: repo_id)
+    from huggingface_hub import RepoUrl
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, commit_message, **kw:
                         commits.append((repo_id, sorted(op.path_in_repo for op in operations), commit_message)))
     s = tiny(char_data, tmp_path / "out", max_iters=2, eval_interval=2, push_to_hub=True, hub_model_id="me/tiny")

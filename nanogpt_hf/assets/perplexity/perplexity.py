@@ -14,7 +14,7 @@ _DESCRIPTION = "Perplexity = exp(mean negative log-likelihood per token), from p
 _KWARGS_DESCRIPTION = """
 Args:
     losses: mean cross-entropy (natural log) of each batch.
-    num_tokens: tokens in each batch (weights of the mean); all 1 when omitted.
+    num_tokens: tokens in each batch (weights of the mean; equal counts for equal weights).
 Returns:
     perplexity: exp of the token-weighted mean loss.
     loss: the token-weighted mean loss.
@@ -33,4 +33,5 @@ class Perplexity(evaluate.Metric):
     def _compute(self, losses, num_tokens):
         total = sum(num_tokens)
         loss = sum(l * n for l, n in zip(losses, num_tokens)) / total
-        return {"perplexity": math.exp(loss), "loss": loss}
+        # a diverging run's finite loss can exceed exp's range (~709.78): its perplexity is infinite, not an error
+        return {"perplexity": math.exp(loss) if loss < 709.0 else math.inf, "loss": loss}
