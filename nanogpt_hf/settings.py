@@ -141,9 +141,23 @@ def apply(obj: Any, values: dict[str, Any], source: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+SHIPPED_RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def find_recipe(path: str) -> str:
+    """A recipe file, or a shipped one by name ('recipes/shakespeare_char.yaml' or 'shakespeare_char.yaml' from any
+    folder: installed console scripts run where the recipes/ link of a clone is not)."""
+    if os.path.isfile(path):
+        return path
+    shipped = os.path.join(SHIPPED_RECIPES, os.path.basename(path))
+    if os.path.dirname(os.path.normpath(path)) in ("", "recipes") and os.path.isfile(shipped):
+        return shipped
+    shipped = ", ".join(sorted(os.listdir(SHIPPED_RECIPES)))
+    raise UserError(f"recipe '{path}' does not exist; the shipped ones: {shipped}")
+
+
 def load_recipe(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise UserError(f"recipe '{path}' does not exist; see recipes/ for the shipped ones")
+    path = find_recipe(path)
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
@@ -190,7 +204,8 @@ def parse_command(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     types_ = field_types(cls)
-    usage = ("[RECIPE.yaml] " if recipes else "") + (f"[{positional.upper()}] " if positional else "") + "[--key=value ...]"
+    usage = ("[RECIPE.yaml ...] " if recipes else "") + (f"[{positional.upper()}] " if positional else "")
+    usage += "[--key=value ...]"
     named = [a for a in argv if recipes and not a.startswith("-") and a.endswith((".yaml", ".yml"))]
     base_recipes = named or ([default_recipe] if default_recipe else [])
     if "-h" in argv or "--help" in argv:

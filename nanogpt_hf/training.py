@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import importlib.util
 import math
 import os
 import shutil
@@ -116,7 +117,8 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
         config = AutoConfig.from_pretrained(s.init_from)
     except (OSError, ValueError) as exc:
         hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UserError(f"cannot load init_from '{s.init_from}': {first_line(exc)}{hint}") from None
+        where = "" if os.path.exists(s.init_from) else "no such local folder, and as a Hub id: "
+        raise UserError(f"cannot load init_from '{s.init_from}': {where}{first_line(exc)}{hint}") from None
     try:
         if config.model_type == "gpt2":
             return NanoGPTForCausalLM.from_gpt2(s.init_from, dropout=s.dropout)
@@ -303,6 +305,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     for t in trackers:
         if t not in ("wandb", "tensorboard"):
             raise UserError(f"log_with: unknown tracker '{t}'; use wandb and/or tensorboard")
+        modules = ("tensorboard", "tensorboardX") if t == "tensorboard" else (t,)
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise UserError(f"log_with: the {t} tracker is not installed (accelerate would skip it): pip install {t}")
     handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" else []
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, log_with=trackers or None,
                               project_dir=s.out_dir, kwargs_handlers=handlers)
@@ -320,7 +325,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     streams = {split: data.stream(split) for split in ("train", "val")}
 
     try:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not s.eval_only:  # evaluating writes nothing
             os.makedirs(s.out_dir, exist_ok=True)
             probe = os.path.join(s.out_dir, f".write-test-{os.getpid()}")
             open(probe, "w").close()
@@ -374,7 +379,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     tokens_per_iter = s.batch_size * s.gradient_accumulation_steps * s.block_size
     log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
         f"{world} process(es), mixed precision {mixed_precision}, compile {compile_model}")
-    log(f"data: {data_path} ({data.tokenizer_kind}, vocab {data.vocab_size}); tokens per iteration: "
+    log(f"data: {data_path} ({data.tokenizer_kind}, vocab {data.vocab_size}, from {data.meta.get('source')}); "
+        f"tokens per iteration: "
         f"{tokens_per_iter:,} = {s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches "
         f"({accum} per process) x {s.block_size} block")
 

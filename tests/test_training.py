@@ -395,7 +395,7 @@ def test_eval_only_from_a_checkpoint_folder(char_data, tmp_path, capsys):
     assert train(s) == 0
     out = capsys.readouterr().out
     assert "val loss" in out and "perplexity" in out
-    assert not (tmp_path / "eval" / "model.safetensors").exists()
+    assert not (tmp_path / "eval").exists()  # evaluating writes nothing
 
 
 def test_finetune_from_a_local_gpt2_with_block_size_cropped(tmp_path):
@@ -513,6 +513,30 @@ def test_tracker_that_cannot_start_is_a_clear_error(char_data, tmp_path, monkeyp
     monkeypatch.setattr(Accelerator, "init_trackers", no_login)
     with pytest.raises(UserError, match="cannot start the wandb tracker: No API key configured.*log offline: WANDB_MODE=offline"):
         train(tiny(char_data, tmp_path, wandb_log=True))
+
+
+def test_a_tracker_that_is_not_installed_is_a_clear_error(char_data, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if "tensorboard" in name else find_spec(name, *a))
+    with pytest.raises(UserError, match="the tensorboard tracker is not installed .*pip install tensorboard"):
+        train(tiny(char_data, tmp_path, log_with="tensorboard"))
+
+
+def test_shipped_recipes_are_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an installed console script, run outside the clone
+    for name in ("recipes/shakespeare_char_cpu.yaml", "shakespeare_char_cpu.yaml"):
+        s, _ = parse_command(TrainSettings, [name], "t", "", recipes=True)
+        assert s.n_embd == 128 and s.block_size == 64
+    with pytest.raises(UserError, match="recipe 'nope.yaml' does not exist; the shipped ones: default.yaml, "):
+        parse_command(TrainSettings, ["nope.yaml"], "t", "", recipes=True)
+
+
+def test_init_from_a_missing_folder_says_so(char_data, tmp_path):
+    with pytest.raises(UserError, match="cannot load init_from '.*nothing': no such local folder, and as a Hub id"):
+        train(tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "nothing")))
 
 
 def test_unknown_tracker_is_a_clear_error(char_data, tmp_path):
