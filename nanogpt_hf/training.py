@@ -438,12 +438,14 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
     progress = tqdm(total=s.max_iters, initial=iter_num, desc="training", disable=not main, dynamic_ncols=True)
     t0, last_log_iter, running_mfu = time.perf_counter(), iter_num, -1.0
+    timed = 0.0  # seconds of training steps since the last log line, before t0 (evaluations are left out)
     first_iter = iter_num
     exit_code = 0
     with StopRequest() as stop, progress:  # closing the bar first puts an error message on a line of its own
         while True:
             # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
             if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and not (state_dir and evaluated):
+                timed += time.perf_counter() - t0
                 losses = estimate_loss(model, streams, s, accelerator)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise non_finite(losses["val"], iter_num, s.out_dir)
@@ -487,9 +489,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 loss = accelerator.reduce(loss, reduction="mean").item()  # the only per-log device sync
                 if not math.isfinite(loss):
                     raise non_finite(loss, iter_num, s.out_dir)
-                dt = (time.perf_counter() - t0) / (iter_num - last_log_iter)
+                dt = (timed + time.perf_counter() - t0) / (iter_num - last_log_iter)
                 warm = last_log_iter - first_iter >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
-                t0, last_log_iter = time.perf_counter(), iter_num
+                t0, timed, last_log_iter = time.perf_counter(), 0.0, iter_num
                 event = {"type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
                          "tokens_per_s": tokens_per_iter / dt}
                 if peak and warm:

@@ -357,6 +357,28 @@ def test_a_corpus_without_newlines_still_ends_with_a_sample(tmp_path, capsys):
     assert "---------- sample from" in capsys.readouterr().out
 
 
+def test_ms_per_iter_counts_every_step_and_no_evaluation(char_data, tmp_path, monkeypatch):
+    # a clock that moves 1 s per training step and 100 s per evaluation: every log must say 1000 ms per step, also
+    # where an evaluation falls between two log lines (eval_interval 3, log_interval 2)
+    import types
+
+    import nanogpt_hf.training as T
+
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def timed(real, seconds):
+        def run(*args, **kwargs):
+            clock[0] += seconds
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(T, "train_step", timed(T.train_step, 1.0))
+    monkeypatch.setattr(T, "estimate_loss", timed(T.estimate_loss, 100.0))
+    assert train(tiny(char_data, tmp_path, max_iters=8, eval_interval=3, log_interval=2)) == 0
+    assert [e["ms_per_iter"] for e in metrics(tmp_path, "train")] == [1000.0] * 4
+
+
 def test_mfu_leaves_out_the_first_five_steps(char_data, tmp_path):
     # the first step's warm-up (and compilation on a GPU) would drag the running MFU down for many logs
     assert train(tiny(char_data, tmp_path, max_iters=8, eval_interval=8)) == 0
