@@ -51,7 +51,7 @@ def main():
             a, b = torch.randn(*lead, m, k).to(dtype), torch.randn(*lead, k, n).to(dtype)
             seconds += count * median_seconds(lambda: a @ b)
             flops += count * 2 * m * k * n * (lead[0] if lead else 1)
-        print(f"{str(dtype):15s} peak (best 2048 matmul) {peak / 1e9:5.0f} GFLOP/s | the step's products: "
+        print(f"{str(dtype):15s} peak (1-thread matmul x threads) {peak / 1e9:5.0f} GFLOP/s | the step's products: "
               f"{flops / 1e9:.2f} GFLOP in {seconds * 1000:.2f} ms = {flops / seconds / 1e9:.0f} GFLOP/s")
 
 

@@ -379,6 +379,20 @@ def test_ms_per_iter_counts_every_step_and_no_evaluation(char_data, tmp_path, mo
     assert [e["ms_per_iter"] for e in metrics(tmp_path, "train")] == [1000.0] * 4
 
 
+def test_cpu_peak_is_one_threads_times_the_threads_and_leaves_threads_and_rng_alone():
+    from nanogpt_hf.hardware import measured_cpu_peak_flops
+
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    peak = measured_cpu_peak_flops.__wrapped__(torch.float32, n=256, repeats=5)
+    assert peak > 0 and torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    torch.set_num_threads(1)
+    try:
+        one = measured_cpu_peak_flops.__wrapped__(torch.float32, n=256, repeats=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert peak / one == pytest.approx(threads, rel=0.5)  # scaled by the threads, not measured on them
+
+
 def test_mfu_leaves_out_the_first_five_steps(char_data, tmp_path):
     # the first step's warm-up (and compilation on a GPU) would drag the running MFU down for many logs
     assert train(tiny(char_data, tmp_path, max_iters=8, eval_interval=8)) == 0
