@@ -166,8 +166,11 @@ def main() -> None:
     if sys.argv[1:2] == ["--nanogpt-child"]:
         nanogpt_loop(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         return
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+    opts = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
     if len(args) != 1 or not os.path.isfile(os.path.join(args[0], "meta.json")):
         sys.exit("usage: python benchmarks/bench_wall_time.py DATASET_DIR [--runs=ours-auto,ours-fp32,nanogpt] "
                  "[--max_iters=2000] [--seed=1337]  (DATASET_DIR: a prepared character-level dataset)")
