@@ -324,15 +324,6 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     data = open_dataset(data_path)
     streams = {split: data.stream(split) for split in ("train", "val")}
 
-    try:
-        if accelerator.is_main_process and not s.eval_only:  # evaluating writes nothing
-            os.makedirs(s.out_dir, exist_ok=True)
-            probe = os.path.join(s.out_dir, f".write-test-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-    except OSError as exc:
-        raise UserError(f"cannot write to out_dir {s.out_dir}: {exc.strerror}; choose a writable --out_dir") from None
-
     set_seed(s.seed)  # the same initial weights on every process
     if s.init_from in ("scratch", "resume"):
         config = (NanoGPTConfig.from_pretrained(state_dir, dropout=s.dropout) if state_dir  # dropout may change
@@ -349,6 +340,15 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     if data.tokenizer_kind == "gpt2" and model.config.vocab_size < 50257:
         raise UserError(f"the dataset uses GPT-2 BPE but the model has vocab_size {model.config.vocab_size}")
     tokenizer = data.tokenizer()
+    # out_dir only now that the model and data are known good: a refused run leaves no empty folder behind
+    try:
+        if accelerator.is_main_process and not s.eval_only:  # evaluating writes nothing
+            os.makedirs(s.out_dir, exist_ok=True)
+            probe = os.path.join(s.out_dir, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to out_dir {s.out_dir}: {exc.strerror}; choose a writable --out_dir") from None
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.bos_token_id = model.config.bos_token_id
     model.set_attn_implementation(training_attention(device_type, mixed_precision))  # not saved with the model

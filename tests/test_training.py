@@ -573,6 +573,7 @@ def test_shipped_recipes_are_found_from_any_folder(tmp_path, monkeypatch):
 def test_init_from_a_missing_folder_says_so(char_data, tmp_path):
     with pytest.raises(UserError, match="cannot load init_from '.*nothing': no such local folder, and as a Hub id"):
         train(tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "nothing")))
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty out_dir behind
 
 
 def test_unknown_tracker_is_a_clear_error(char_data, tmp_path):
