@@ -157,13 +157,26 @@ def _walk_corpus(folder: str, out: str | None) -> list[str]:
     return sorted(files)
 
 
+def _in_output(file: str, out: str | None) -> bool:
+    """Whether a file matched by a glob lies in the output folder or in any prepared dataset (see _walk_corpus)."""
+    folder = os.path.dirname(os.path.realpath(file))
+    out = os.path.realpath(out) if out else None
+    while True:
+        if folder == out or _is_prepared(folder):
+            return True
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return False
+        folder = parent
+
+
 def local_files(source: str, out: str | None = None) -> list[str] | None:
     """The corpus files a local source names (sorted), None when it is not local, UserError when it is missing.
 
     out: the output folder, never read as corpus when it lies inside a source folder."""
     path = os.path.expanduser(source)
     if _is_pattern(path):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f) and not _in_output(f, out))
         what = f"files match '{source}'"
     elif os.path.isdir(path):
         if _is_prepared(path):

@@ -348,6 +348,11 @@ def test_output_inside_the_source_folder_is_not_read_back(tmp_path, capsys):
     assert stream_tokens(other, "train") + stream_tokens(other, "val") == expected
     with pytest.raises(UserError, match="is a prepared dataset, not a corpus"):
         prepare(PrepareSettings(source=out, out=str(tmp_path / "again")))
+    # a recursive glob over the source folder skips the prepared datasets (their .json files) too
+    globbed = prepare(PrepareSettings(source=str(corp / "**" / "*.json*"), out=str(tmp_path / "globbed")))
+    alone = prepare(PrepareSettings(source=str(corp / "b.jsonl"), out=str(tmp_path / "alone")))
+    assert [stream_tokens(globbed, split) for split in ("train", "val")] == [
+        stream_tokens(alone, split) for split in ("train", "val")]
 
 
 def test_dot_source_gets_the_folders_name(tmp_path, monkeypatch):
