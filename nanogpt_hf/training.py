@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     # no recipe: the demo's values are the defaults (not explicit settings: a resume keeps its saved ones)
     s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True,
                                 default_recipe=DEFAULT_RECIPE)
-    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))] or ["default.yaml"]
+    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))]
+    if not recipes and s.init_from != "resume":  # a resume's settings are the saved ones, whatever recipe made them
+        recipes = ["default.yaml"]
     quiet_library_output()
     try:
         return train(s, explicit, recipes)
@@ -414,10 +416,10 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
     hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
     pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
-    if pusher:
-        card["repo_id"] = pusher.repo_id  # with its namespace
 
     def save_model(losses: dict):
+        if pusher:
+            card["repo_id"] = pusher.repo_id  # with its namespace once the Hub has answered
         card.update(steps=iter_num, tokens_seen=tokens_seen, train_loss=losses["train"], val_loss=losses["val"],
                     best_val_loss=best_val_loss)
 

@@ -139,6 +139,9 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_loss():
     assert perplexity([2.0, 4.0], [1, 3]) == pytest.approx(math.exp(3.5))
     assert perplexity([800.0], [1]) == math.inf  # a diverging run: a number, not an OverflowError
     assert math.isnan(perplexity([math.nan], [1]))
+    from nanogpt_hf.metrics import perplexity_metric
+
+    assert math.isnan(perplexity_metric().compute(losses=[math.nan], num_tokens=[1])["perplexity"])
 
 
 def test_lr_schedule_is_nanogpts():
@@ -397,6 +400,14 @@ def test_mfu_leaves_out_the_first_five_steps(char_data, tmp_path):
     # the first step's warm-up (and compilation on a GPU) would drag the running MFU down for many logs
     assert train(tiny(char_data, tmp_path, max_iters=8, eval_interval=8)) == 0
     assert ["mfu" in e for e in metrics(tmp_path, "train")] == [False] * 5 + [True] * 3
+
+
+def test_a_resumed_run_does_not_credit_the_demo_recipe(char_data, tmp_path):
+    assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train_main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=6"]) == 0
+    card = (tmp_path / "README.md").read_text()
+    assert "6 |" in card and "default.yaml" not in card  # the saved settings ran, not the demo's
 
 
 def test_resume_prunes_states_beyond_keep_states(char_data, tmp_path):

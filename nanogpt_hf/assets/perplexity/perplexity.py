@@ -34,4 +34,4 @@ class Perplexity(evaluate.Metric):
         total = sum(num_tokens)
         loss = sum(l * n for l, n in zip(losses, num_tokens)) / total
         # a diverging run's finite loss can exceed exp's range (~709.78): its perplexity is infinite, not an error
-        return {"perplexity": math.exp(loss) if loss < 709.0 else math.inf, "loss": loss}
+        return {"perplexity": math.inf if loss >= 709.0 else math.exp(loss), "loss": loss}  # NaN stays NaN
