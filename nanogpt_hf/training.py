@@ -395,6 +395,13 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         return 0
 
     main = accelerator.is_main_process
+    if trackers:  # before anything in out_dir changes: a run refused here leaves the previous one resumable
+        try:
+            accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(s),
+                                      init_kwargs={"wandb": {"name": s.wandb_run_name}})
+        except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
+            hint = " (or log offline: WANDB_MODE=offline)" if "wandb" in trackers else ""
+            raise UserError(f"cannot start the {', '.join(trackers)} tracker: {first_line(exc)}{hint}") from None
     if main:
         if not state_dir and state_dirs(s.out_dir):  # a new run in an old out_dir: its states would outrank ours
             log(f"a new run in {s.out_dir}: removing the previous run's resumable states")
@@ -402,13 +409,6 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         save_yaml(s, os.path.join(s.out_dir, "train_config.yaml"))
     metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
         if main else None
-    if trackers:
-        try:
-            accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(s),
-                                      init_kwargs={"wandb": {"name": s.wandb_run_name}})
-        except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
-            hint = " (or log offline: WANDB_MODE=offline)" if "wandb" in trackers else ""
-            raise UserError(f"cannot start the {', '.join(trackers)} tracker: {first_line(exc)}{hint}") from None
     peak = peak_flops(accelerator.device, mixed_precision)
     card = {"settings": dataclasses.asdict(s), "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
             "recipe": ", ".join(p for p in recipes) or None,

@@ -557,9 +557,16 @@ def test_tracker_that_cannot_start_is_a_clear_error(char_data, tmp_path, monkeyp
     def no_login(self, *args, **kwargs):
         raise RuntimeError("No API key configured. Use `wandb login` to log in.")
 
+    out = tmp_path / "out"
+    assert train(tiny(char_data, out, max_iters=4, eval_interval=2)) == 0
+    before = {f: (out / f).read_bytes() for f in ("train_config.yaml", "metrics.jsonl")}
+    states = sorted(os.listdir(out / "state"))
     monkeypatch.setattr(Accelerator, "init_trackers", no_login)
     with pytest.raises(UserError, match="cannot start the wandb tracker: No API key configured.*log offline: WANDB_MODE=offline"):
-        train(tiny(char_data, tmp_path, wandb_log=True))
+        train(tiny(char_data, out, wandb_log=True, max_iters=2))
+    # the refused run changed nothing: the previous run is still there, resumable, with its settings and metrics
+    assert sorted(os.listdir(out / "state")) == states
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 def test_a_tracker_that_is_not_installed_is_a_clear_error(char_data, tmp_path, monkeypatch):
