@@ -311,7 +311,9 @@ class TrainSettings:
     min_lr: float = setting(6e-5, "learning rate after decay (nanoGPT: about learning_rate / 10)")
     # system
     device: str = setting("auto", "auto (CUDA when present, else CPU) | cpu | cuda; accelerate places processes")
-    backend: str = setting("auto", "DDP backend: auto (accelerate: nccl on CUDA, gloo on CPU) | nccl | gloo")
+    backend: Literal["auto", "nccl", "gloo"] = setting(
+        "auto", "DDP backend, used when several processes are launched: auto (accelerate: nccl on CUDA, gloo on CPU) "
+                "| nccl | gloo")
     dtype: str = setting("auto", "auto (bf16 where the GPU or CPU supports it, fp16 with loss scaling on older GPUs, "
                                  "else float32) | bfloat16 | float16 | float32")
     compile: bool | None = setting(None, "torch.compile the model; default: on for CUDA, off on CPU")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import errno
 import importlib.util
 import math
@@ -83,6 +84,7 @@ def train_step(accelerator, model, optimizer, micro_batches: Iterable[tuple[torc
 # ---- set up -----------------------------------------------------------------------------------------------------
 
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
+INIT_FROM_NAMES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
 DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from nanoGPT's defaults (its GPT-2 124M
 run), then RECIPE.yaml files, then --key=value overrides. With no recipe, default.yaml (the shakespeare_char_cpu
@@ -116,6 +118,13 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
     try:
         config = AutoConfig.from_pretrained(s.init_from)
     except (OSError, ValueError) as exc:
+        if not os.path.exists(s.init_from):
+            guess = difflib.get_close_matches(s.init_from, INIT_FROM_NAMES, n=1, cutoff=0.7)
+            if guess:  # a typo of a name we know beats the Hub's "repository not found"
+                raise UserError(f"init_from '{s.init_from}' is not a folder or a Hub model (did you mean "
+                                f"'{guess[0]}'?)") from None
+            if s.init_from.startswith((os.sep, ".", "~")) or s.init_from.count("/") > 1:  # a path, not a Hub id
+                raise UserError(f"cannot load init_from '{s.init_from}': no such folder") from None
         hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         where = "" if os.path.exists(s.init_from) else "no such local folder, and as a Hub id: "
         raise UserError(f"cannot load init_from '{s.init_from}': {where}{first_line(exc)}{hint}") from None
@@ -310,7 +319,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         modules = ("tensorboard", "tensorboardX") if t == "tensorboard" else (t,)
         if not any(importlib.util.find_spec(m) for m in modules):
             raise UserError(f"log_with: the {t} tracker is not installed (accelerate would skip it): pip install {t}")
-    handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" else []
+    # a backend given to a single process makes accelerate look for a process group that nobody started
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" and several else []
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, log_with=trackers or None,
                               project_dir=s.out_dir, kwargs_handlers=handlers)
     log = accelerator.print

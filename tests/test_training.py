@@ -76,6 +76,7 @@ def test_settings_have_nanogpt_names_and_defaults():
     (["--max_iters=ten"], "setting 'max_iters' expects an integer, got 'ten'"),
     (["--decay_lr=maybe"], "setting 'decay_lr' expects true or false"),
     (["--hub_strategy=sometimes"], "setting 'hub_strategy' must be one of end, best, every_save"),
+    (["--backend=foo"], "setting 'backend' must be one of auto, nccl, gloo; got 'foo'"),
     (["missing.yaml"], "recipe 'missing.yaml' does not exist"),
     (["--beta2=1.5"], "setting 'beta2' must be in [0, 1), got 1.5"),
     (["--learning_rate=-1e-3"], "setting 'learning_rate' must be a finite number >= 0, got -0.001"),
@@ -490,7 +491,7 @@ def test_two_processes_match_one_process(char_data, tmp_path):
     args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
             "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
-            "--dtype=float32", "--device=cpu", "--sample_at_end=false"]
+            "--dtype=float32", "--device=cpu", "--sample_at_end=false", "--backend=gloo"]  # one process ignores it
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()),
@@ -589,9 +590,17 @@ def test_shipped_recipes_are_found_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_init_from_a_missing_folder_says_so(char_data, tmp_path):
-    with pytest.raises(UserError, match="cannot load init_from '.*nothing': no such local folder, and as a Hub id"):
+    with pytest.raises(UserError, match="cannot load init_from '.*nothing': no such folder$"):
         train(tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "nothing")))
     assert not (tmp_path / "out").exists()  # a refused run leaves no empty out_dir behind
+    with pytest.raises(UserError, match="cannot load init_from 'nobody/nothing': no such local folder, and as a Hub id"):
+        train(tiny(char_data, tmp_path / "out", init_from="nobody/nothing"))
+
+
+@pytest.mark.parametrize("typo, name", [("scrach", "scratch"), ("resum", "resume"), ("gpt2-mediun", "gpt2-medium")])
+def test_a_mistyped_init_from_is_named(char_data, tmp_path, typo, name):
+    with pytest.raises(UserError, match=f"init_from '{typo}' is not a folder or a Hub model \\(did you mean '{name}'\\?\\)"):
+        train(tiny(char_data, tmp_path / "out", init_from=typo))
 
 
 def test_unknown_tracker_is_a_clear_error(char_data, tmp_path):
