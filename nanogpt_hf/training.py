@@ -348,7 +348,12 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         if s.block_size < model.config.block_size:
             model.crop_block_size(s.block_size)
         elif s.block_size > model.config.block_size:
-            raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}")
+            raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
+                            f"use --block_size={model.config.block_size} or less")
+        # the settings saved with the run (train_config.yaml, model card, states) describe the model trained, not
+        # the recipe's architecture, which finetuning ignores (as nanoGPT does)
+        c = model.config
+        s = dataclasses.replace(s, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias)
     check_compatible(data.meta, model.config.vocab_size, s.block_size)
     if data.tokenizer_kind == "gpt2" and model.config.vocab_size < 50257:
         raise UserError(f"the dataset uses GPT-2 BPE but the model has vocab_size {model.config.vocab_size}")
@@ -383,6 +388,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
         evaluated = ts.get("evaluated", False)  # saved right after this step's evaluation: do not repeat it
         log(f"resumed from {state_dir} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        if iter_num >= s.max_iters:
+            log(f"nothing to train: the state is at step {iter_num} and max_iters is {s.max_iters} "
+                f"(resume with a larger --max_iters to train on)")
         if ts.get("world_size", world) != world:
             log(f"note: the state was saved by {ts['world_size']} process(es), this run has {world}: it continues, "
                 f"but not exactly as the interrupted run would have (batches and dropout are drawn per process)")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
@@ -411,6 +412,14 @@ def test_a_resumed_run_does_not_credit_the_demo_recipe(char_data, tmp_path):
     assert "6 |" in card and "default.yaml" not in card  # the saved settings ran, not the demo's
 
 
+def test_resuming_at_or_past_max_iters_says_there_is_nothing_to_train(char_data, tmp_path, capsys):
+    assert train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    assert train_main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=3"]) == 0
+    assert "nothing to train: the state is at step 4 and max_iters is 3" in capsys.readouterr().out
+
+
 def test_resume_prunes_states_beyond_keep_states(char_data, tmp_path):
     # a run killed between writing a state and pruning the old ones left one too many; resuming at the end saves
     # nothing new, so the resume itself must prune
@@ -449,7 +458,7 @@ def test_eval_only_from_a_checkpoint_folder(char_data, tmp_path, capsys):
 def test_finetune_from_a_local_gpt2_with_block_size_cropped(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=48, n_positions=128)).save_pretrained(tmp_path / "gpt2")
     text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n" * 200)
     (tmp_path / "c.txt").write_text(text)
     data = prepare(PrepareSettings(source=str(tmp_path / "c.txt"), tokenizer="gpt2", out=str(tmp_path / "bpe")))
@@ -458,6 +467,11 @@ def test_finetune_from_a_local_gpt2_with_block_size_cropped(tmp_path):
     assert train(s) == 0
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["block_size"] == 16 and cfg["activation_function"] == "gelu_new" and cfg["vocab_size"] == 50257
+    # the saved settings are the model's, not the architecture in the settings (2 layers, 32 wide, no bias)
+    saved = yaml.safe_load((tmp_path / "ft" / "train_config.yaml").read_text())
+    assert (saved["n_layer"], saved["n_head"], saved["n_embd"], saved["bias"], saved["block_size"]) == (3, 4, 48, True, 16)
+    with pytest.raises(UserError, match="block_size 256 is larger than the checkpoint's 128: use --block_size=128 or less"):
+        train(dataclasses.replace(s, block_size=256, out_dir=str(tmp_path / "ft2")))
 
 
 def test_wandb_offline_tracker(char_data, tmp_path, monkeypatch):
