@@ -224,19 +224,25 @@ def restart_settings(s: TrainSettings, explicit: dict, log) -> TrainSettings:
 
 
 @torch.no_grad()
-def estimate_loss(model, streams: dict, s: TrainSettings, accelerator) -> dict[str, float]:
-    """Mean loss over eval_iters fixed random batches per split, spread over all processes and gathered."""
+def estimate_loss(model, streams: dict, s: TrainSettings, accelerator, stop: StopRequest | None = None
+                  ) -> dict[str, float]:
+    """Mean loss over eval_iters fixed random batches per split, spread over all processes and gathered.
+
+    A stop request (SIGINT/SIGTERM) cuts it short, so that a long evaluation does not hold up the stop: the losses
+    are then partial, and the caller discards them."""
     model.eval()
     out = {}
     for split, stream in streams.items():
         total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
         for k in range(accelerator.process_index, s.eval_iters, accelerator.num_processes):
+            if stop is not None and stop.signal is not None:
+                break  # every process still takes part in the reduce below: no collective is left waiting
             x, y = eval_batch(stream, seed=s.seed, k=k, batch_size=s.batch_size, block_size=s.block_size)
             loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device), use_cache=False).loss
             total[0] += loss.float()
             total[1] += 1
         total = accelerator.reduce(total, reduction="sum")
-        out[split] = (total[0] / total[1]).item()
+        out[split] = (total[0] / total[1]).item() if total[1] else math.nan
     model.train()
     return out
 
@@ -245,10 +251,11 @@ def estimate_loss(model, streams: dict, s: TrainSettings, accelerator) -> dict[s
 
 
 class StopRequest:
-    """SIGINT / SIGTERM: finish the current step, save a resumable state, exit."""
+    """SIGINT / SIGTERM: finish the current step (or cut the evaluation short), save a resumable state, exit."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal = None
+        self.announce = announce
         self._previous = {}
 
     def __enter__(self):
@@ -260,6 +267,9 @@ class StopRequest:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
+        if self.announce:  # at once: the step or save in progress may take a while
+            print(f"\n{signal.Signals(signum).name} received: stopping after the current step and saving a state "
+                  f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -457,17 +467,34 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             "settings": dataclasses.asdict(s), "world_size": world}, keep=s.keep_states,
             write=lambda tmp: raw_model.config.to_json_file(os.path.join(tmp, "config.json")))
 
+    def stop_and_save(stop: StopRequest, loss) -> int:
+        """After a stop request: save a resumable state at iter_num, say how to resume; the exit code."""
+        if loss is not None:
+            last = loss if isinstance(loss, float) else accelerator.reduce(loss, reduction="mean").item()
+            if not math.isfinite(last):  # never save a diverged state (the loss is checked at log steps only)
+                raise non_finite(last, iter_num, s.out_dir)
+        save_resumable(evaluated=False)
+        name = signal.Signals(stop.signal).name if stop.signal else "a signal"
+        log(f"\nstopped by {name} after step {iter_num}; state saved in {latest_state(s.out_dir)}. "
+            f"Resume with: python train.py --out_dir={s.out_dir} --init_from=resume"
+            + (f" (under accelerate launch, {world} processes)" if world > 1 else ""))
+        return 130 if stop.signal == signal.SIGINT else 143
+
     progress = tqdm(total=s.max_iters, initial=iter_num, desc="training", disable=not main, dynamic_ncols=True)
     t0, last_log_iter, running_mfu = time.perf_counter(), iter_num, -1.0
     timed = 0.0  # seconds of training steps since the last log line, before t0 (evaluations are left out)
     first_iter = iter_num
     exit_code = 0
-    with StopRequest() as stop, progress:  # closing the bar first puts an error message on a line of its own
+    loss = None  # the last step's loss
+    with StopRequest(announce=main) as stop, progress:  # closing the bar first puts an error message on a line of its own
         while True:
             # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
             if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and not (state_dir and evaluated):
                 timed += time.perf_counter() - t0
-                losses = estimate_loss(model, streams, s, accelerator)
+                losses = estimate_loss(model, streams, s, accelerator, stop)
+                if _stop_requested(stop, accelerator):  # the evaluation was cut short: not reported, not saved
+                    exit_code = stop_and_save(stop, loss)
+                    break
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise non_finite(losses["val"], iter_num, s.out_dir)
                 ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
@@ -531,15 +558,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
             evaluated = False  # only the first loop pass may skip the evaluation done before the state was saved
             if _stop_requested(stop, accelerator):
-                last = loss if isinstance(loss, float) else accelerator.reduce(loss, reduction="mean").item()
-                if not math.isfinite(last):  # never save a diverged state (the loss is checked at log steps only)
-                    raise non_finite(last, iter_num, s.out_dir)
-                save_resumable(evaluated=False)
-                name = signal.Signals(stop.signal).name if stop.signal else "a signal"
-                log(f"\nstopped by {name} after step {iter_num}; state saved in {latest_state(s.out_dir)}. "
-                    f"Resume with: python train.py --out_dir={s.out_dir} --init_from=resume"
-                    + (f" (under accelerate launch, {world} processes)" if world > 1 else ""))
-                exit_code = 130 if stop.signal == signal.SIGINT else 143
+                exit_code = stop_and_save(stop, loss)
                 break
     if pusher:
         pusher.finish(s.out_dir, f"end of training, step {iter_num}")

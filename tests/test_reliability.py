@@ -399,6 +399,33 @@ def test_sigterm_in_process_during_a_step(char_data, straight, tmp_path, monkeyp
     assert_same_run(straight, out)
 
 
+def test_sigterm_during_an_evaluation_cuts_it_short(char_data, straight, tmp_path, monkeypatch, capsys):
+    # a long evaluation (a GPU recipe's 200 batches on a CPU) held a stop request for minutes: now the evaluation
+    # stops at the next batch, is neither reported nor saved, and the resumed run evaluates that step again
+    import nanogpt_hf.training as T
+
+    real, calls = T.eval_batch, []
+
+    def batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # the first batch of step 8's evaluation (4 per evaluation: 2 splits x eval_iters 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "eval_batch", batch)
+    out = tmp_path / "term"
+    assert train_in_process(*run_args(char_data, out)) == 143
+    assert len(calls) == 9  # not one batch more
+    captured = capsys.readouterr()
+    assert "SIGTERM received: stopping after the current step and saving a state" in captured.err
+    assert "stopped by SIGTERM after step 8" in captured.out
+    assert read_trainer_state(latest_state(str(out)))["evaluated"] is False
+    assert [e["iter"] for e in map(json.loads, open(out / "metrics.jsonl")) if e["type"] == "eval"] == [0, 4]
+    monkeypatch.setattr(T, "eval_batch", real)
+    assert train_in_process(*run_args(char_data, out), "--init_from=resume") == 0
+    assert_same_run(straight, out)
+
+
 # ---- 4. non-finite loss -------------------------------------------------------------------------------------------
 
 
