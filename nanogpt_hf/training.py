@@ -125,8 +125,13 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
                                 f"'{guess[0]}'?)") from None
             if s.init_from.startswith((os.sep, ".", "~")) or s.init_from.count("/") > 1:  # a path, not a Hub id
                 raise UserError(f"cannot load init_from '{s.init_from}': no such folder") from None
-        hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        where = "" if os.path.exists(s.init_from) else "no such local folder, and as a Hub id: "
+        if os.path.isdir(s.init_from) and not os.path.isfile(os.path.join(s.init_from, "config.json")):
+            raise UserError(f"cannot load init_from '{s.init_from}': the folder has no config.json (a checkpoint "
+                            "folder is what save_pretrained or train.py's out_dir holds)") from None
+        local = os.path.exists(s.init_from)
+        offline = os.environ.get("HF_HUB_OFFLINE") and not local
+        hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if offline else ""
+        where = "" if local else "no such local folder, and as a Hub id: "
         raise UserError(f"cannot load init_from '{s.init_from}': {where}{first_line(exc)}{hint}") from None
     try:
         if config.model_type == "gpt2":
@@ -486,7 +491,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     first_iter = iter_num
     exit_code = 0
     loss = None  # the last step's loss
-    with StopRequest(announce=main) as stop, progress:  # closing the bar first puts an error message on a line of its own
+    # closing the bar first puts an error message on a line of its own
+    with StopRequest(announce=main) as stop, progress:
         while True:
             # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
             if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and not (state_dir and evaluated):

@@ -609,6 +609,9 @@ def test_init_from_a_missing_folder_says_so(char_data, tmp_path):
     assert not (tmp_path / "out").exists()  # a refused run leaves no empty out_dir behind
     with pytest.raises(UserError, match="cannot load init_from 'nobody/nothing': no such local folder, and as a Hub id"):
         train(tiny(char_data, tmp_path / "out", init_from="nobody/nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot load init_from '.*empty': the folder has no config.json"):
+        train(tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "empty")))
 
 
 @pytest.mark.parametrize("typo, name", [("scrach", "scratch"), ("resum", "resume"), ("gpt2-mediun", "gpt2-medium")])
