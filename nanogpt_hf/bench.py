@@ -299,7 +299,9 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
     raw = build_training_model(s, device_type, precision)
     plain_model, plain_opt, autocast, scaler = plain_setup(raw, s, accelerator, device_type, precision)
     optimizer = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    model, optimizer = accelerator.prepare(torch.compile(raw) if s.compile else raw, optimizer)
+    model, optimizer = accelerator.prepare(raw, optimizer)
+    if s.compile:  # as train.py: compiled after prepare
+        model = torch.compile(model)
     device = accelerator.device
     accum = s.gradient_accumulation_steps
     batches = make_batches(s, accum * 4, device)

@@ -388,10 +388,13 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     model.train()
 
     optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
+    model, optimizer = accelerator.prepare(model, optimizer)
     compile_model = s.compile if s.compile is not None else device_type == "cuda"
     if compile_model:
+        # compiled after prepare: the accelerator keeps the uncompiled model, so resumable states hold its plain keys
+        # (no '_orig_mod.' prefix) and resume with compile on or off, on a GPU or a CPU; and DDP then compiled is
+        # what lets dynamo split the graph at DDP's buckets, overlapping gradient all-reduce with backward
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     iter_num, best_val_loss, tokens_seen, evaluated = 0, math.inf, 0, False
