@@ -204,9 +204,12 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
-        if past + T > self.config.block_size:
+        # a static cache counts its tokens on the device: reading the count would sync and split a compiled decoding
+        # step, so its capacity (the longest sequence generate will make) is checked instead
+        length = past + T if isinstance(past, int) else cache.get_max_length()
+        if length > self.config.block_size:
             raise ValueError(
-                f"sequence of {past + T} tokens is longer than the model's block_size {self.config.block_size}: "
+                f"sequence of {length} tokens is longer than the model's block_size {self.config.block_size}: "
                 f"keep the last {self.config.block_size} tokens (or crop_block_size / train a longer model)"
             )
 

@@ -272,6 +272,22 @@ def test_empty_vocabulary_is_a_user_error(capsys, tmp_path):
     assert_user_error(rc, err, "empty vocabulary")
 
 
+def test_a_compiled_decoding_step_is_one_graph():
+    # the block_size check read a static cache's on-device token count: a sync and a graph break at every token
+    # (with fullgraph=True generate failed); dynamo's eager backend traces without inductor's compile time
+    from transformers import CompileConfig
+
+    model = tiny_model(11, bos_token_id=None, eos_token_id=None)
+    config = CompileConfig(fullgraph=True, backend="eager")
+    config._compile_all_devices = True  # compile on a CPU too
+    kw = dict(do_sample=False, eos_token_id=[], pad_token_id=0)
+    prompt = torch.zeros((1, 1), dtype=torch.long)
+    compiled = generate_ids(model, prompt, None, BLOCK + 8, cache_implementation="static", compile_config=config, **kw)
+    assert torch.equal(compiled, generate_ids(model, prompt, None, BLOCK + 8, **kw))  # windows slid past block_size
+    with pytest.raises(ValueError, match=f"longer than the model's block_size {BLOCK}"):
+        model.generate(prompt, max_new_tokens=BLOCK + 1, cache_implementation="static", **kw)
+
+
 @pytest.mark.slow
 def test_compile_gives_the_same_text(capsys, char_dir):
     """--compile: a static cache and a compiled decoding step (~30 s to compile on CPU), the same samples."""
