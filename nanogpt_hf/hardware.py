@@ -18,8 +18,11 @@ from .errors import UserError
 
 # Dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16 = {
+    "H100 PCIe": 756e12,  # before "H100": the first key found in the device name wins
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is lower (756e12)
+    "H100": 989e12,  # SXM
     "A100": 312e12,
     "L40S": 362e12,
     "A10G": 70e12,
@@ -63,7 +66,8 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
     choice = aliases[requested]
     if device_type == "cuda":
         if choice == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # without including_emulation=False, a pre-Ampere GPU (V100, T4) counts as bf16: emulated, and slow
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return choice
     if choice == "fp16":
         raise UserError("dtype float16 is not supported on CPU (unusably slow); use bfloat16 or float32")

@@ -246,6 +246,23 @@ def test_precision_and_attention_follow_the_device():
     assert training_attention("cpu", "no") == training_attention("cuda", "bf16") == "sdpa"
 
 
+def test_gpus_without_bf16_tensor_cores_train_in_fp16(monkeypatch):
+    # torch counts a V100 or T4 as bf16-capable unless emulation is left out: slow emulated bf16 instead of fp16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_mixed_precision("auto", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100, ...
+    assert resolve_mixed_precision("auto", "cuda") == "bf16"
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_gpu_peak_by_name(monkeypatch, name, peak):
+    from nanogpt_hf.hardware import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda", "bf16") == peak and peak_flops("cuda", "no") is None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
 def test_cpu_training_steps_do_not_page_fault():
     # glibc's defaults unmap freed activations, so each laptop-recipe step faulted ~2,900 pages back in (a quarter of
