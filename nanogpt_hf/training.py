@@ -258,9 +258,11 @@ def estimate_loss(model, streams: dict, s: TrainSettings, accelerator, stop: Sto
 class StopRequest:
     """SIGINT / SIGTERM: finish the current step (or cut the evaluation short), save a resumable state, exit."""
 
-    def __init__(self, announce: bool = True):
+    def __init__(self, announce: bool = True, processes: int = 1):
         self.signal = None
         self.announce = announce
+        # several processes agree on stopping over this CPU group (made by every process, as new_group requires)
+        self.group = torch.distributed.new_group(backend="gloo") if processes > 1 else None
         self._previous = {}
 
     def __enter__(self):
@@ -495,7 +497,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     exit_code = 0
     loss = None  # the last step's loss
     # closing the bar first puts an error message on a line of its own
-    with StopRequest(announce=main) as stop, progress:
+    with StopRequest(announce=main, processes=world) as stop, progress:
         while True:
             # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
             if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and not (state_dir and evaluated):
@@ -600,10 +602,12 @@ def end_training(accelerator) -> None:
 
 def _stop_requested(stop: StopRequest, accelerator) -> bool:
     if accelerator.num_processes == 1:
-        return stop.signal is not None  # no device sync on the hot path
-    # every process must stop after the same step, whichever received the signal
-    flag = torch.tensor(0.0 if stop.signal is None else 1.0, device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item())
+        return stop.signal is not None
+    # every process must stop after the same step, whichever received the signal. Asked at every step, so the flag
+    # travels between CPUs (gloo): through a GPU collective, reading it would wait for the GPU at every step
+    flag = torch.tensor([0.0 if stop.signal is None else 1.0])
+    torch.distributed.all_reduce(flag, group=stop.group)
+    return bool(flag.item())
 
 
 def print_sample(out_dir: str, max_new_tokens: int = 300) -> None:
