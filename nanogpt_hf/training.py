@@ -328,6 +328,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     device_type = resolve_device_type(s.device)
     if device_type == "cpu":
         keep_freed_memory()  # a quarter of a CPU step was page faults
+    else:  # as nanoGPT: float32 matmuls (--dtype=float32, and the fp32 parts of mixed precision) on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     mixed_precision = resolve_mixed_precision(s.dtype, device_type)
     trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with else [])
     for t in trackers:
@@ -575,7 +577,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         pusher.finish(s.out_dir, f"end of training, step {iter_num}")
     end_training(accelerator)
     if exit_code == 0 and main and s.sample_at_end:
-        print_sample(s.out_dir)
+        print_sample(s.out_dir, device=device_type)
     return exit_code
 
 
@@ -610,13 +612,13 @@ def _stop_requested(stop: StopRequest, accelerator) -> bool:
     return bool(flag.item())
 
 
-def print_sample(out_dir: str, max_new_tokens: int = 300) -> None:
+def print_sample(out_dir: str, max_new_tokens: int = 300, device: str = "cpu") -> None:
     """A short sample from the saved model, loaded back from disk: proof that the checkpoint works."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .sampling import generate_text
 
-    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)  # the training device: gpt2-xl is slow on a CPU
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     start = "\n" if tokenizer("\n")["input_ids"] else tokenizer.decode([0])  # a corpus without newlines
     text = generate_text(model, tokenizer, start, max_new_tokens=max_new_tokens, stop_at_eot=True)
