@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
@@ -233,19 +233,25 @@ def estimate_loss(model, streams: dict, s: TrainSettings, accelerator, stop: Sto
                   ) -> dict[str, float]:
     """Mean loss over eval_iters fixed random batches per split, spread over all processes and gathered.
 
-    A stop request (SIGINT/SIGTERM) cuts it short, so that a long evaluation does not hold up the stop: the losses
-    are then partial, and the caller discards them."""
+    Every process runs as many forwards (under FSDP a forward is a collective): where eval_iters does not divide by
+    the number of processes, some run one more batch and leave it out. A stop request (SIGINT/SIGTERM), agreed on by
+    all processes, cuts the evaluation short so that a long one does not hold up the stop: the losses are then
+    partial, and the caller discards them."""
     model.eval()
     out = {}
+    world, rank = accelerator.num_processes, accelerator.process_index
     for split, stream in streams.items():
         total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
-        for k in range(accelerator.process_index, s.eval_iters, accelerator.num_processes):
-            if stop is not None and stop.signal is not None:
-                break  # every process still takes part in the reduce below: no collective is left waiting
-            x, y = eval_batch(stream, seed=s.seed, k=k, batch_size=s.batch_size, block_size=s.block_size)
+        for i in range(math.ceil(s.eval_iters / world)):
+            if stop is not None and _stop_requested(stop, accelerator):
+                break
+            k = i * world + rank
+            x, y = eval_batch(stream, seed=s.seed, k=min(k, s.eval_iters - 1), batch_size=s.batch_size,
+                              block_size=s.block_size)
             loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device), use_cache=False).loss
-            total[0] += loss.float()
-            total[1] += 1
+            if k < s.eval_iters:
+                total[0] += loss.float()
+                total[1] += 1
         total = accelerator.reduce(total, reduction="sum")
         out[split] = (total[0] / total[1]).item() if total[1] else math.nan
     model.train()
@@ -343,6 +349,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" and several else []
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, log_with=trackers or None,
                               project_dir=s.out_dir, kwargs_handlers=handlers)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("DeepSpeed is not supported: its engine steps the optimizer and clips gradients itself, which "
+                        "this loop does not hand over to it; use FSDP or DDP (accelerate config)")
     log = accelerator.print
     for note in notes:
         log(note)
@@ -393,6 +402,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
     optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
     model, optimizer = accelerator.prepare(model, optimizer)
+    prepared = model  # what the accelerator holds (DDP / FSDP wrapped), never the compiled wrapper
     compile_model = s.compile if s.compile is not None else device_type == "cuda"
     if compile_model:
         # compiled after prepare: the accelerator keeps the uncompiled model, so resumable states hold its plain keys
@@ -458,14 +468,28 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
     pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
 
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+
     def save_model(losses: dict):
+        """Write the model folder. Called on every process: under FSDP gathering the full weights is a collective."""
+        full = accelerator.get_state_dict(prepared) if sharded else None
+        if full:  # gathered tensors no longer share storage: drop the tied copies, as save_pretrained does
+            for tied in NanoGPTForCausalLM._tied_weights_keys:
+                full.pop(tied, None)
+        if not main:
+            return
         if pusher:
             card["repo_id"] = pusher.repo_id  # with its namespace once the Hub has answered
         card.update(steps=iter_num, tokens_seen=tokens_seen, train_loss=losses["train"], val_loss=losses["val"],
                     best_val_loss=best_val_loss)
 
         def write(tmp):
-            raw_model.save_pretrained(tmp)
+            model_to_save = raw_model
+            if type(raw_model) is not NanoGPTForCausalLM:  # FSDP2's fully_shard swapped its class: save as ours
+                with torch.device("meta"):
+                    model_to_save = NanoGPTForCausalLM(raw_model.config)
+                model_to_save.generation_config = raw_model.generation_config
+            model_to_save.save_pretrained(tmp, state_dict=full)
             tokenizer.save_pretrained(tmp)
             if os.path.isfile(os.path.join(s.out_dir, "loss.png")):
                 shutil.copy(os.path.join(s.out_dir, "loss.png"), tmp)  # the card shows it
@@ -526,7 +550,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 if iter_num > 0 or iter_num == s.max_iters:
                     improved = losses["val"] < best_val_loss
                     best_val_loss = min(best_val_loss, losses["val"])  # only ever improves
-                    if main and (improved or s.always_save_checkpoint):
+                    if improved or s.always_save_checkpoint:
                         save_model(losses)
                         if pusher:  # uploads in the background; a failure prints one line and training goes on
                             pusher.on_save(s.out_dir, f"step {iter_num}: val loss {losses['val']:.4f}", improved)

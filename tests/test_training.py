@@ -562,6 +562,48 @@ def test_two_processes_match_one_process(char_data, tmp_path):
     assert metrics(two, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_path):
+    # under FSDP the first save deadlocked (rank 0 alone gathered the sharded weights); FSDP2 also swaps the model's
+    # class, whose code save_pretrained copied instead of ours. eval_iters 3 over 2 processes: uneven forwards hung
+    args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=2",
+            "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
+            "--dtype=float32", "--device=cpu", "--sample_at_end=false"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    for script, out in ((os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), fsdp), (os.path.join(ROOT, "train.py"), ddp)):
+        res = subprocess.run(launch + [script, *args, f"--out_dir={out}"], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert metrics(fsdp, "eval")[-1]["val_loss"] == pytest.approx(metrics(ddp, "eval")[-1]["val_loss"], abs=1e-5)
+    code = ("from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(fsdp)!r}, trust_remote_code=True); "
+            "print(type(m).__name__, m.lm_head.weight is m.transformer.wte.weight)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.stdout.split() == ["NanoGPTForCausalLM", "True"], res.stderr[-3000:]
+
+
+def test_deepspeed_is_refused(char_data, tmp_path, monkeypatch):
+    # DeepSpeed's engine would step the optimizer at every micro-batch and ignore grad_clip in this loop
+    import nanogpt_hf.training as T
+    from accelerate.utils import DistributedType
+
+    class DeepSpeedAccelerator(T.Accelerator):
+        distributed_type = DistributedType.DEEPSPEED  # what `accelerate config` with DeepSpeed gives on GPUs
+
+    monkeypatch.setattr(T, "Accelerator", DeepSpeedAccelerator)
+    with pytest.raises(UserError, match="DeepSpeed is not supported: .* use FSDP or DDP"):
+        train(tiny(char_data, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_push_to_hub_from_training_uploads_and_survives_failure(char_data, tmp_path, monkeypatch, capsys):
     from huggingface_hub import HfApi
 
