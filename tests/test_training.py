@@ -14,7 +14,7 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from conftest import free_port
+from conftest import free_port, run_group
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
@@ -576,8 +576,7 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
               "--dynamo_backend", "no"]
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     for script, out in ((os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), fsdp), (os.path.join(ROOT, "train.py"), ddp)):
-        res = subprocess.run(launch + [script, *args, f"--out_dir={out}"], env=env, capture_output=True, text=True,
-                             timeout=600)
+        res = run_group(launch + [script, *args, f"--out_dir={out}"], timeout=600, env=env)
         assert res.returncode == 0, res.stderr[-3000:]
     a, b = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
