@@ -771,6 +771,10 @@ def prepare(cfg: PrepareSettings) -> str:
     files = None if cfg.source == EMBEDDED else local_files(cfg.source, out)
     if cfg.source == EMBEDDED and os.path.exists(EMBEDDED):  # the name stays the corpus train.py's default uses
         print(f"'{EMBEDDED}' is the embedded corpus; for the local '{EMBEDDED}', pass ./{EMBEDDED}")
+    target = os.path.realpath(out)
+    inside = [f for f in files or [] if os.path.realpath(f).startswith(target + os.sep)]
+    if inside:  # the new dataset replaces the whole folder: the input would be deleted with the old one
+        raise UserError(f"output folder '{out}' holds the input '{inside[0]}'; choose another --out")
     _check_out(out)
     hub = files is None and cfg.source != EMBEDDED
     if not hub:

@@ -331,6 +331,20 @@ def test_stale_temporary_folders_are_removed(corpus, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["o"]
 
 
+def test_an_input_inside_the_output_folder_is_refused_and_kept(corpus, tmp_path, capsys):
+    # the new dataset replaces the output folder: a corpus file or folder inside it was deleted with the old one
+    out = tmp_path / "mine"
+    prepare(PrepareSettings(source=corpus, out=str(out)))
+    (out / "notes.txt").write_text("my own notes " * 200)
+    (out / "extra").mkdir()
+    (out / "extra" / "more.txt").write_text("more notes " * 200)
+    for source in (out / "notes.txt", out / "extra"):
+        code, _, err = run_cli(capsys, str(source), f"--out={out}")
+        assert code == 2 and f"output folder '{out}' holds the input" in err and "Traceback" not in err
+    assert run_cli(capsys, str(out / "*.txt"), f"--out={out}")[0] == 2  # a glob skips the output folder: no files
+    assert (out / "notes.txt").exists() and (out / "extra" / "more.txt").exists()
+
+
 def test_output_inside_the_source_folder_is_not_read_back(tmp_path, capsys):
     corp = tmp_path / "corp"
     write_corpus(corp)
