@@ -78,9 +78,13 @@ def read_prompt(start: str) -> str:
         return start
     path = start[len("FILE:"):]
     if not os.path.isfile(path):
-        raise UserError(f"prompt file '{path}' (from --start=FILE:{path}) does not exist")
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise UserError(f"prompt file '{path}' (from --start=FILE:{path}) {what}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file '{path}' is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
 
 
 def block_size_of(model) -> int:
@@ -285,7 +289,7 @@ def check_settings(s: SampleSettings) -> None:
         raise UserError(f"top_k must be >= 0 (0 = no top-k), got {s.top_k}")
     if not 0.0 < s.top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1], got {s.top_p}")
-    if s.repetition_penalty <= 0:
+    if not (math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0):
         raise UserError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
     if s.stream and s.batch:
         raise UserError("--stream prints one sample at a time; drop --batch (or --stream)")

@@ -237,6 +237,8 @@ def test_generate_text_for_training():
 
 def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
     ck = f"--init_from={char_dir}"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
     cases = [
         ([ck, "--temperature=0"], ["temperature", "--greedy"]),
         ([ck, "--temperature=-1"], ["temperature"]),
@@ -248,6 +250,9 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
         ([f"--init_from={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path}"], ["not a checkpoint"]),
         ([ck, f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt", "does not exist"]),
+        ([ck, f"--start=FILE:{latin1}"], ["latin1.txt", "not UTF-8"]),
+        ([ck, f"--start=FILE:{tmp_path}"], ["is a folder"]),
+        ([ck, "--repetition_penalty=nan"], ["repetition_penalty"]),
         ([ck, "--stop_at_eot"], ["end-of-text"]),
         ([ck, "--stream", "--batch"], ["--stream"]),
         ([ck, "--top_p=0"], ["top_p"]),
