@@ -305,6 +305,8 @@ def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming
     parts = []
     for builder, group in itertools.groupby(files, key=lambda f: FILE_BUILDERS[os.path.splitext(f)[1].lower()]):
         group = list(group)
+        if builder == "json" and all(os.path.getsize(f) == 0 for f in group):  # datasets says only StopIteration
+            raise UserError(f"the corpus file {group[0]} is empty")
         kwargs = {"sample_by": "document"} if builder == "text" else {}  # .txt: one document per file
         try:
             with _quiet_datasets():
@@ -720,6 +722,10 @@ def _prepare_streaming(cfg, files, work):
                 return
             if cfg.text_column not in batch[0]:  # a stream may not know its columns before the first row
                 raise missing_column(cfg.text_column, batch[0])
+            value = next((row[cfg.text_column] for row in batch if row[cfg.text_column] is not None), "")
+            if not isinstance(value, str):  # nor their types
+                raise UserError(f"column '{cfg.text_column}' holds {type(value).__name__}, not text; "
+                                "pick another --text_column")
             yield pa.table({cfg.text_column: [row[cfg.text_column] for row in batch]})
 
     chars = None

@@ -405,7 +405,10 @@ def test_symlinked_out_stays_a_link(corpus, tmp_path):
         (["{tmp}/empty.txt", "--tokenizer=char"], "empty"),
         (["{corpus}/b.jsonl", "--text_column=body"], "text column 'body' does not exist; available columns: text, id"),
         (["{corpus}/b.jsonl", "--text_column=id"], "not text"),
+        (["{corpus}/b.jsonl", "--text_column=id", "--streaming"], "column 'id' holds int, not text"),
         (["{tmp}/bad.jsonl"], "could not read"),
+        (["{tmp}/empty.jsonl"], "the corpus file {tmp}/empty.jsonl is empty"),
+        (["{tmp}/empty.jsonl", "--streaming"], "is empty"),
         (["--val_fraction=1.5"], "val_fraction"),
         (["--tokenizer=bpe"], "tokenizer"),
         (["--tokenzier=char"], "did you mean 'tokenizer'"),
@@ -417,13 +420,14 @@ def test_bad_input_is_one_line_exit_2(args, message, corpus, tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "not_ours").mkdir()
     (tmp_path / "not_ours" / "precious.txt").write_text("keep me")
     args = [a.format(tmp=tmp_path, corpus=corpus) for a in args]
     code, _, err = run_cli(capsys, *args, f"--out={tmp_path}/out" if not any(a.startswith("--out") for a in args) else "--force=false")
     assert code == 2
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], err
+    assert lines[-1].startswith("error: ") and message.format(tmp=tmp_path) in lines[-1], err
     assert "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
     assert (tmp_path / "not_ours" / "precious.txt").read_text() == "keep me"
