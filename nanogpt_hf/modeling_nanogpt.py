@@ -344,13 +344,16 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         try:
-            gpt2_config = GPT2Config.from_pretrained(name_or_path, **kwargs)
+            # the type first: GPT2Config.from_pretrained of another model's config logs a warning before our error
+            model_type = GPT2Config.get_config_dict(name_or_path)[0].get("model_type", "gpt2")
+            if model_type == "gpt2":
+                gpt2_config = GPT2Config.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as exc:
             raise OSError(
                 f"cannot load a GPT-2 checkpoint from '{name_or_path}': {str(exc).splitlines()[0]}"
             ) from None
-        if gpt2_config.model_type != "gpt2":
-            raise OSError(f"'{name_or_path}' is a {gpt2_config.model_type!r} checkpoint, not GPT-2 (model_type gpt2)")
+        if model_type != "gpt2":
+            raise OSError(f"'{name_or_path}' is a {model_type!r} checkpoint, not GPT-2 (model_type gpt2)")
         unsupported = [f"{name}={getattr(gpt2_config, name)!r}" for name, value in GPT2_OPTIONS_OF_NANOGPT.items()
                        if getattr(gpt2_config, name) != value]
         if gpt2_config.n_inner not in (None, 4 * gpt2_config.n_embd):

@@ -256,3 +256,21 @@ def test_bad_inputs_exit_2_with_one_line_and_change_nothing(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
         assert "Traceback" not in err
         assert _snapshot(tmp_path) == before, name  # nothing created, nothing changed, no temp folder left
+
+
+def test_importing_our_own_checkpoint_as_gpt2_prints_one_line(tmp_path):
+    # a subprocess: transformers' logger writes to the stderr it found at import, which capsys does not see
+    import subprocess
+    import sys
+
+    from nanogpt_hf import NanoGPTConfig
+
+    NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11)).save_pretrained(
+        tmp_path / "ours")
+    code = "import sys; from nanogpt_hf.cli import hf_main; sys.exit(hf_main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", code, "import-gpt2", str(tmp_path / "ours"), str(tmp_path / "out")],
+                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: '{tmp_path / 'ours'}' is a 'nanogpt' checkpoint, not GPT-2 "
+                                               "(model_type gpt2)"]
