@@ -777,7 +777,7 @@ def prepare(cfg: PrepareSettings) -> str:
     files = None if cfg.source == EMBEDDED else local_files(cfg.source, out)
     if cfg.source == EMBEDDED and os.path.exists(EMBEDDED):  # the name stays the corpus train.py's default uses
         print(f"'{EMBEDDED}' is the embedded corpus; for the local '{EMBEDDED}', pass ./{EMBEDDED}")
-    target = os.path.realpath(out)
+    target = os.path.realpath(out)  # a symlinked out: the folder it points to is replaced, the link stays
     inside = [f for f in files or [] if os.path.realpath(f).startswith(target + os.sep)]
     if inside:  # the new dataset replaces the whole folder: the input would be deleted with the old one
         raise UserError(f"output folder '{out}' holds the input '{inside[0]}'; choose another --out")
@@ -788,7 +788,6 @@ def prepare(cfg: PrepareSettings) -> str:
         if not cfg.force and _up_to_date(out, fingerprint):
             print(f"{out} is up to date (fingerprint {fingerprint}); nothing to do (--force prepares it again)")
             return out
-    target = os.path.realpath(out)  # a symlinked out: the folder it points to is replaced, the link stays
     _remove_stale_work(target)
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
