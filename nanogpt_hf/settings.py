@@ -240,7 +240,13 @@ def parse_command(
             bare.append(arg)
     if bare:
         if positional is None or len(bare) > 1:
-            raise UserError(f"unexpected argument '{bare[-1] if positional else bare[0]}'; settings are --key=value")
+            glob_hint = ""
+            if positional and all(os.path.exists(a) for a in bare):  # most likely a glob the shell expanded
+                exts = {os.path.splitext(a)[1] for a in bare}
+                pattern = os.path.join(os.path.dirname(bare[0]) or ".", "*" + (exts.pop() if len(exts) == 1 else ""))
+                glob_hint = f" (for a glob, quote it: '{pattern}')"
+            raise UserError(f"unexpected argument '{bare[-1] if positional else bare[0]}'; settings are --key=value"
+                            + glob_hint)
         overrides.setdefault(positional, bare[0])
     obj, explicit = cls(), {}
     if not recipe_paths and default_recipe:

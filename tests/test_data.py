@@ -409,6 +409,7 @@ def test_symlinked_out_stays_a_link(corpus, tmp_path):
         (["{tmp}/bad.jsonl"], "could not read"),
         (["{tmp}/empty.jsonl"], "the corpus file {tmp}/empty.jsonl is empty"),
         (["{tmp}/empty.jsonl", "--streaming"], "is empty"),
+        (["{tmp}/bad.jsonl", "{tmp}/empty.jsonl"], "for a glob, quote it: '{tmp}/*.jsonl'"),
         (["--val_fraction=1.5"], "val_fraction"),
         (["--tokenizer=bpe"], "tokenizer"),
         (["--tokenzier=char"], "did you mean 'tokenizer'"),
