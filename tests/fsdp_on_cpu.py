@@ -2,7 +2,6 @@
 ACCELERATE_USE_CPU (its state switches only GPU setups to FSDP), so this launcher sets the FSDP plugin and
 distributed type by hand, as accelerate does on GPUs; the training code runs unchanged."""
 
-import os
 import sys
 
 from accelerate import Accelerator
