@@ -389,11 +389,18 @@ def run_generate(s: BenchSettings, device_type: str, precision: str) -> dict:
     model = load_generate_model(s, device, precision)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)  # one token, like sample.py's "\n" start
     n = s.max_new_tokens
-    # warm-up both paths (allocator, kernels, generate's set-up)
-    generate_cached(model, prompt, min(8, n))
-    generate_full_recompute(model, prompt, min(8, n))
-    cached, t_cached = timed(lambda: generate_cached(model, prompt, n), device)
-    full, t_full = timed(lambda: generate_full_recompute(model, prompt, n), device)
+    from torch.nn.attention import sdpa_kernel
+
+    from .modeling_nanogpt import NanoGPTForCausalLM
+
+    # both on the attention backends our generate uses (see there): the full recompute also changes length at every
+    # token, and a stock GPT-2 (--init_from=gpt2) has no such generate of its own
+    with sdpa_kernel(NanoGPTForCausalLM.GENERATION_SDPA_BACKENDS):
+        # warm-up both paths (allocator, kernels, generate's set-up)
+        generate_cached(model, prompt, min(8, n))
+        generate_full_recompute(model, prompt, min(8, n))
+        cached, t_cached = timed(lambda: generate_cached(model, prompt, n), device)
+        full, t_full = timed(lambda: generate_full_recompute(model, prompt, n), device)
     same = torch.equal(cached, full)
     first_diff = None if same else int((cached != full).nonzero()[0, 1])
     speedup = t_full / t_cached

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 import time
 
@@ -53,6 +54,12 @@ def resolve_device_type(setting: str) -> str:
         raise UserError(f"device must be auto, cpu or cuda; got {setting!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA GPU is visible; use --device=cpu")
+    # accelerate's barrier names the GPU of each process's local rank, CPU processes too: with fewer GPUs than
+    # processes, the first checkpoint of a run crashed with 'invalid device ordinal' (seen on a 1-GPU machine)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if name == "cpu" and processes > 1 and 0 < torch.cuda.device_count() < processes:
+        raise UserError(f"{processes} CPU processes on a machine with {torch.cuda.device_count()} GPU(s): accelerate "
+                        f"would address a GPU per process; hide the GPUs: CUDA_VISIBLE_DEVICES= accelerate launch ...")
     return name
 
 

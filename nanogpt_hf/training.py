@@ -420,7 +420,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
         evaluated = ts.get("evaluated", False)  # saved right after this step's evaluation: do not repeat it
         log(f"resumed from {state_dir} at step {iter_num} (best val loss {best_val_loss:.4f})")
-        if iter_num >= s.max_iters:
+        if iter_num >= s.max_iters and not s.eval_only:
             log(f"nothing to train: the state is at step {iter_num} and max_iters is {s.max_iters} "
                 f"(resume with a larger --max_iters to train on)")
         if ts.get("world_size", world) != world:

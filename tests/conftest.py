@@ -16,6 +16,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_processes_env(base: dict | None = None, **extra) -> dict:
+    """The environment of a multi-process CPU launch (REFERENCE's ACCELERATE_USE_CPU=1 recipe), GPUs hidden: on a
+    machine with fewer GPUs than processes accelerate's barrier addresses a missing GPU (train.py refuses that)."""
+    return dict(base or os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **extra)
+
+
 def run_group(cmd: list[str], timeout: float, **kwargs):
     """subprocess.run in a session of its own: on timeout (a hung collective), the launcher's worker processes are
     killed with it instead of outliving the test."""

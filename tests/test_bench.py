@@ -12,7 +12,7 @@ import torch
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import bench_main
 from nanogpt_hf.tokenization import char_tokenizer
-from conftest import free_port
+from conftest import cpu_processes_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=65", "--batch_size=2",
@@ -127,7 +127,7 @@ def test_bad_settings_are_one_line_errors(capsys):
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch():
     """`accelerate launch` with two CPU processes (the recipe from REFERENCE.md): totals are twice per process."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = cpu_processes_env(HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "bench.py", "--mode=train",

@@ -367,3 +367,16 @@ print("OK", type(m).__module__)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK transformers_modules" in res.stdout
+
+
+def test_generation_keeps_off_cudnn_attention():
+    # cuDNN's sdpa builds a plan per new sequence length: on an H200, decoding (one more key per token) ran at 43
+    # tokens/s instead of 430. generate (pipeline's and sample.py's path too) turns it off; forward keeps torch's choice.
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    seen = []
+    model.transformer.h[0].register_forward_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=3, do_sample=False)
+    assert seen == [False] * 3
+    model(torch.tensor([[1, 5, 7]]))
+    assert seen[-1] is True and torch.backends.cuda.cudnn_sdp_enabled()

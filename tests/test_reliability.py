@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from nanogpt_hf.checkpoint import latest_state, read_trainer_state, state_dirs
 from nanogpt_hf.cli import bench_main, hf_main, prepare_main, sample_main, train_main
 from nanogpt_hf.data import PrepareSettings, prepare
-from conftest import free_port
+from conftest import cpu_processes_env, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -320,7 +320,7 @@ def test_two_processes_sigkill_and_sigterm_resume_exactly(char_data, tmp_path):
         return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port()), TRAIN_PY]
-    e = env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    e = cpu_processes_env(env())
     args = [a for a in run_args(char_data, "unused")
             if not a.startswith(("--out_dir", "--gradient_acc", "--eval_interval"))]
     args += ["--gradient_accumulation_steps=2", "--eval_interval=1"]  # one micro-batch per process

@@ -14,7 +14,7 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from conftest import free_port, run_group
+from conftest import cpu_processes_env, free_port, run_group
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
@@ -254,6 +254,19 @@ def test_gpus_without_bf16_tensor_cores_train_in_fp16(monkeypatch):
     assert resolve_mixed_precision("auto", "cuda") == "bf16"
 
 
+def test_more_cpu_processes_than_gpus_is_a_clear_error(monkeypatch):
+    # seen on a 1-GPU machine: two CPU processes trained, then rank 1 crashed in accelerate's barrier at the first
+    # checkpoint ('invalid device ordinal': the barrier names the GPU of the local rank)
+    from nanogpt_hf.hardware import resolve_device_type
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="2 CPU processes on a machine with 1 GPU.*CUDA_VISIBLE_DEVICES= accelerate"):
+        resolve_device_type("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a CPU machine: the tested set-up
+    assert resolve_device_type("cpu") == "cpu"
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
 def test_gpu_peak_by_name(monkeypatch, name, peak):
@@ -454,6 +467,11 @@ def test_resuming_at_or_past_max_iters_says_there_is_nothing_to_train(char_data,
     capsys.readouterr()
     assert train_main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=3"]) == 0
     assert "nothing to train: the state is at step 4 and max_iters is 3" in capsys.readouterr().out
+    # evaluating a finished run is not an attempt to train it: no such note, just the evaluation
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train_main([f"--out_dir={tmp_path}", "--init_from=resume", "--eval_only=true"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" not in out and "eval: train loss" in out
 
 
 def test_resume_prunes_states_beyond_keep_states(char_data, tmp_path):
@@ -542,7 +560,7 @@ def test_two_processes_match_one_process(char_data, tmp_path):
             "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
             "--dtype=float32", "--device=cpu", "--sample_at_end=false", "--backend=gloo"]  # one process ignores it
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    env = cpu_processes_env()
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -570,7 +588,7 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
             "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=2",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
             "--dtype=float32", "--device=cpu", "--sample_at_end=false"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = cpu_processes_env(PYTHONPATH=ROOT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
