@@ -180,12 +180,11 @@ def build_training_model(s: BenchSettings, device_type: str, precision: str):
 
 
 def prepare_for_training(s: BenchSettings, accelerator, device_type: str, precision: str):
-    """Model and optimizer exactly as training sets them up: nanoGPT's AdamW groups, compile before prepare."""
+    """Model and optimizer exactly as training sets them up: nanoGPT's AdamW groups, compiled after prepare."""
     model = build_training_model(s, device_type, precision)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    compiled = torch.compile(model) if s.compile else model
-    model_p, optimizer = accelerator.prepare(compiled, optimizer)
-    return model, model_p, optimizer
+    model_p, optimizer = accelerator.prepare(model, optimizer)
+    return model, torch.compile(model_p) if s.compile else model_p, optimizer
 
 
 # ---- train mode --------------------------------------------------------------------------------------------------
