@@ -62,7 +62,8 @@ class BenchSettings:
     data: str = setting("", "a prepared dataset folder (prepare.py) for real batches; empty: fixed random tokens")
     init_from: str = setting("", "generate mode: a checkpoint folder (or gpt2...) instead of a random model")
     dtype: str = setting("auto", "auto, bfloat16, float16 or float32 (auto: bf16 where supported, else fp32)")
-    compile: bool | None = setting(None, "train/overhead: torch.compile the model (default: on for CUDA, off on CPU)")
+    compile: bool | None = setting(None, "train/overhead: torch.compile the model (default: on for CUDA where Triton "
+                                         "works, off on CPU)")
     device: str = setting("auto", "auto, cpu or cuda")
     warmup: int | None = setting(None, "untimed steps first (default: 10 on GPU, 2 on CPU)")
     iters: int | None = setting(None, "timed steps (default: 20 on GPU, 5 on CPU); per side and repeat in overhead")
@@ -81,8 +82,9 @@ def resolve(s: BenchSettings, device_type: str) -> BenchSettings:
     defaults = GENERATE_DEFAULTS if s.mode == "generate" else GPU_DEFAULTS if device_type == "cuda" else CPU_DEFAULTS
     gpu = device_type == "cuda"
     filled = {k: v for k, v in defaults.items() if getattr(s, k) is None}
-    filled.update({k: v for k, v in dict(compile=gpu, warmup=10 if gpu else 2, iters=20 if gpu else 5).items()
-                   if getattr(s, k) is None})
+    device_defaults = dict(compile=hardware.compile_by_default(device_type), warmup=10 if gpu else 2,
+                           iters=20 if gpu else 5)
+    filled.update({k: v for k, v in device_defaults.items() if getattr(s, k) is None})
     s = dataclasses.replace(s, **filled)
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "gradient_accumulation_steps",
                  "iters", "repeats", "max_new_tokens"):
@@ -170,7 +172,7 @@ def make_accelerator(device_type: str, precision: str):
 
     if device_type == "cpu":
         hardware.keep_freed_memory()  # as train.py does
-    return Accelerator(cpu=device_type == "cpu", mixed_precision=precision)
+    return Accelerator(cpu=device_type == "cpu", mixed_precision=precision, dynamo_backend="no")  # as train.py
 
 
 def build_training_model(s: BenchSettings, device_type: str, precision: str):
@@ -181,9 +183,11 @@ def build_training_model(s: BenchSettings, device_type: str, precision: str):
 
 def prepare_for_training(s: BenchSettings, accelerator, device_type: str, precision: str):
     """Model and optimizer exactly as training sets them up: nanoGPT's AdamW groups, compiled after prepare."""
+    from .training import prepare
+
     model = build_training_model(s, device_type, precision)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    model_p, optimizer = accelerator.prepare(model, optimizer)
+    model_p, optimizer = prepare(accelerator, model, optimizer)
     return model, torch.compile(model_p) if s.compile else model_p, optimizer
 
 
@@ -290,7 +294,7 @@ def plain_setup(raw_model, s: BenchSettings, accelerator, device_type: str, prec
 
 
 def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
-    from .training import end_training, train_step
+    from .training import end_training, prepare, train_step
 
     accelerator = make_accelerator(device_type, precision)
     log = accelerator.print
@@ -298,7 +302,7 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
     raw = build_training_model(s, device_type, precision)
     plain_model, plain_opt, autocast, scaler = plain_setup(raw, s, accelerator, device_type, precision)
     optimizer = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    model, optimizer = accelerator.prepare(raw, optimizer)
+    model, optimizer = prepare(accelerator, raw, optimizer)
     if s.compile:  # as train.py: compiled after prepare
         model = torch.compile(model)
     device = accelerator.device

@@ -230,6 +230,23 @@ def save_state(accelerator, out_dir: str, step: int, trainer_state: dict, keep: 
     return final
 
 
+def load_state(accelerator, state_dir: str) -> None:
+    """accelerator.load_state: weights, optimizer, RNG of every process, loss scale. A state saved without loss
+    scaling (bf16 or fp32) and resumed in fp16 (dtype auto on a GPU without bf16, or --dtype=float16) has no
+    scaler.pt, which accelerate would fail to open: the loss scale then starts afresh, as in a new fp16 run."""
+    from accelerate.utils import SCALER_NAME
+
+    scaler = accelerator.scaler
+    if scaler is None or os.path.exists(os.path.join(state_dir, SCALER_NAME)):
+        accelerator.load_state(state_dir)
+        return
+    accelerator.scaler = None
+    try:
+        accelerator.load_state(state_dir)
+    finally:
+        accelerator.scaler = scaler
+
+
 def _any_failed(accelerator, failure) -> str | None:
     """Agree across processes whether any failed (every process must take the same path, or the next collective
     hangs). Returns this process' reason, another process' failure as a generic reason, or None."""

@@ -1,8 +1,8 @@
 """What the machine has, decided in one place: device, mixed precision, compile, peak FLOP/s.
 
-CUDA: bf16 where the GPU supports it, else fp16 with loss scaling; compile on. CPU: bf16 autocast where the CPU
-has native bf16 instructions (AVX-512 BF16 / AMX), else fp32. Never fp16 on CPU: without hardware support it is
-unusably slow.
+CUDA: bf16 where the GPU supports it, else fp16 with loss scaling; compile on where Triton can build kernels. CPU:
+bf16 autocast where the CPU has native bf16 instructions (AVX-512 BF16 / AMX), else fp32. Never fp16 on CPU: without
+hardware support it is unusably slow.
 """
 
 from __future__ import annotations
@@ -61,6 +61,19 @@ def resolve_device_type(setting: str) -> str:
         raise UserError(f"{processes} CPU processes on a machine with {torch.cuda.device_count()} GPU(s): accelerate "
                         f"would address a GPU per process; hide the GPUs: CUDA_VISIBLE_DEVICES= accelerate launch ...")
     return name
+
+
+def compile_by_default(device_type: str) -> bool:
+    """torch.compile unless told otherwise: on CUDA where inductor can build its kernels (Triton installed, a GPU of
+    compute capability 7.0 or more; else the first compiled call fails: native Windows, P100, GTX 10xx); not on a CPU,
+    where compiling costs ~20 s and gains little (see README)."""
+    if device_type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton  # checks Triton and the GPU's capability
+    except ImportError:
+        return True
+    return has_triton()
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:

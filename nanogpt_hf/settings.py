@@ -322,7 +322,7 @@ class TrainSettings:
                 "| nccl | gloo")
     dtype: str = setting("auto", "auto (bf16 where the GPU or CPU supports it, fp16 with loss scaling on older GPUs, "
                                  "else float32) | bfloat16 | float16 | float32")
-    compile: bool | None = setting(None, "torch.compile the model; default: on for CUDA, off on CPU")
+    compile: bool | None = setting(None, "torch.compile the model; default: on for CUDA where Triton works, off on CPU")
     seed: int = setting(1337, "seed of initialisation, dropout and batches (batch = f(seed, step, index))")
     # checkpoints
     keep_states: int = setting(2, "resumable states kept in out_dir/state/ (the newest ones; 0 keeps them all)")
