@@ -41,6 +41,9 @@ def step_products(n_layer, n_head, n_embd, block, batch, vocab):
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]) or not all(a.isdigit() for a in sys.argv[1:]):
+        print(__doc__)
+        return
     shape = [int(a) for a in sys.argv[1:]] or [4, 4, 128, 64, 12, 65]
     print(f"{torch.get_num_threads()} threads; step of n_layer {shape[0]}, n_head {shape[1]}, n_embd {shape[2]}, "
           f"block {shape[3]}, batch {shape[4]}, vocab {shape[5]}")

@@ -24,6 +24,9 @@ from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, hardware  # noqa: E402
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]) or not all(a.isdigit() for a in sys.argv[1:]):
+        print(__doc__)
+        return
     n_layer, n_head, n_embd, block, batch = (int(a) for a in (sys.argv[1:] or [4, 4, 128, 64, 12]))
     vocab = 65
     args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block, bias=False, vocab_size=vocab,

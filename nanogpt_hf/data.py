@@ -125,6 +125,7 @@ def _looks_like_path(source: str) -> bool:
     # Hub ids are 'name' or 'owner/name'; anything else that resembles a path is treated as one
     return (
         source.startswith((".", "/", "~"))
+        or source.endswith(("/", os.sep))
         or source.count("/") > 1
         or os.sep != "/" and os.sep in source
         or os.path.splitext(source)[1].lower() in FILE_BUILDERS
@@ -294,6 +295,12 @@ def read_error(what: str, exc: Exception, whole_txt: bool) -> UserError:
     if isinstance(_innermost(exc), pa.ArrowCapacityError):  # one Arrow string holds at most 2 GiB
         fix = "split it into smaller files" + (" or use --txt_documents=paragraph" if whole_txt else "")
         return UserError(f"could not read {what}: it holds a document over 2 GiB, more than Arrow can; {fix}")
+    text = str(_innermost(exc))
+    if "column names don't match" in text:  # datasets' CastError: "Couldn't cast\n<a file's columns>\nto\n..."
+        lines = text.splitlines()
+        found = [line.split(":")[0] for line in lines[1:lines.index("to")]] if "to" in lines else []
+        return UserError(f"could not read {what}: its files do not all have the same columns (one has: "
+                         f"{', '.join(found) or '?'}); give them the same columns, or prepare them separately")
     return UserError(f"could not read {what}: {_reason(exc)}")
 
 
@@ -328,6 +335,9 @@ def load_local(files: list[str], cfg: PrepareSettings, cache_dir: str, streaming
     if cfg.text_column not in common:
         raise UserError(f"files of different formats must all have the text column '{cfg.text_column}'")
     parts = [p.select_columns([cfg.text_column]) for p in parts]
+    if len({str(p.features[cfg.text_column]) for p in parts if p.features}) > 1:
+        # e.g. pandas writes large_string text to parquet, the json and text builders string: concatenate refuses
+        parts = [p.cast_column(cfg.text_column, datasets.Value("large_string")) for p in parts]
     return datasets.concatenate_datasets(parts)
 
 
@@ -515,11 +525,13 @@ def input_fingerprint(cfg: PrepareSettings, files: list[str] | None, dataset_fin
 
 def read_meta(path: str) -> dict:
     """meta.json of a prepared folder; UserError when the folder is missing or not (completely) prepared."""
+    meta_path = os.path.join(path, META_FILE)
+    if os.path.exists(path) and not os.path.isfile(meta_path):  # a corpus file or folder (prepare writes atomically)
+        stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        raise UserError(f"'{path}' is not a prepared dataset (no {META_FILE}); prepare it first: python prepare.py "
+                        f"{path} --out=data/{stem}, then use data/{stem}")
     if not os.path.isdir(path):
         raise UserError(f"dataset folder '{path}' does not exist; run prepare.py to create it")
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise UserError(f"'{path}' is not a prepared dataset (no {META_FILE}); run prepare.py --out={path}")
     try:
         with open(meta_path, encoding="utf-8") as fh:
             meta = json.load(fh)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -266,6 +267,18 @@ def files_to_upload(folder: str) -> list[str]:
     )
 
 
+def check_repo_id(repo_id: str, default_from: str = "") -> None:
+    """UserError unless repo_id can name a Hub repository: refused at start, not after a whole training run."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        what = f"the Hub repository id taken from {default_from}" if default_from else "hub_model_id"
+        raise UserError(f"{what} '{repo_id}' is not valid ({first_line(exc).rstrip('.')}); set "
+                        f"--hub_model_id=user/name") from None
+
+
 def describe_hub_error(exc: BaseException, repo_id: str) -> str:
     """One line saying why a Hub call failed, with the fix when it is a usual one."""
     names = {cls.__name__ for cls in type(exc).__mro__}
@@ -453,10 +466,12 @@ class HubPusher:
         self.failures += 1
         print(
             f"hub: push of {folder} to {self.repo_id} failed ({describe_hub_error(exc, self.repo_id)}); the local "
-            f"checkpoint is intact, retry later with: nanogpt-hf push {folder} {self.repo_id}",
+            f"checkpoint is intact, retry later with: nanogpt-hf push {shlex.quote(str(folder))} "
+            f"{shlex.quote(self.repo_id)}",
             file=sys.stderr,
             flush=True,
         )
 
 
-__all__ = ["HubPusher", "count_parameters", "files_to_upload", "model_card", "push_checkpoint", "write_model_card"]
+__all__ = ["HubPusher", "check_repo_id", "count_parameters", "files_to_upload", "model_card", "push_checkpoint",
+           "write_model_card"]

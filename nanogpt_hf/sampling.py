@@ -234,7 +234,11 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
         return model, tokenization.gpt2_tokenizer()
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
-            raise UserError(f"'{source}' is not a checkpoint folder (no config.json); train one or set --init_from")
+            inside = sorted(os.path.join(source, d) for d in os.listdir(source)
+                            if os.path.isfile(os.path.join(source, d, "config.json")))  # e.g. out/ of every run
+            fix = f"choose one inside it: --out_dir={' or --out_dir='.join(inside)}" if inside else \
+                "train one or set --init_from"
+            raise UserError(f"'{source}' is not a checkpoint folder (no config.json); {fix}")
         from safetensors import SafetensorError
 
         try:

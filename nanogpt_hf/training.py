@@ -34,7 +34,7 @@ from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError, first_line
 from .hardware import (compile_by_default, keep_freed_memory, peak_flops, resolve_device_type,
                        resolve_mixed_precision, training_attention)
-from .hub import HubPusher, write_model_card
+from .hub import HubPusher, check_repo_id, write_model_card
 from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .settings import TrainSettings, parse_command, save_yaml
@@ -107,7 +107,7 @@ DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recip
 
 def resolve_dataset(s: TrainSettings, accelerator) -> str:
     """The prepared folder for s.dataset; the embedded corpora are prepared on first use (by the main process)."""
-    path = s.dataset if os.path.isdir(s.dataset) or os.sep in s.dataset else os.path.join(s.data_dir, s.dataset)
+    path = s.dataset if os.path.exists(s.dataset) or os.sep in s.dataset else os.path.join(s.data_dir, s.dataset)
     name = os.path.basename(os.path.normpath(s.dataset))
     if not os.path.isfile(os.path.join(path, "meta.json")) and name in EMBEDDED_DATASETS:
         with accelerator.main_process_first():
@@ -115,7 +115,7 @@ def resolve_dataset(s: TrainSettings, accelerator) -> str:
                 from .data import PrepareSettings, prepare
 
                 prepare(PrepareSettings(source="shakespeare", tokenizer=EMBEDDED_DATASETS[name], out=path))
-    if not os.path.isdir(path):
+    if not os.path.exists(path):  # a corpus file or folder that is not prepared: open_dataset says what to do
         raise UserError(f"dataset '{s.dataset}' not found (looked for {path}); prepare it first: "
                         f"python prepare.py SOURCE --out {path}")
     return path
@@ -130,7 +130,7 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
     except (OSError, ValueError) as exc:
         if not os.path.exists(s.init_from):
             guess = difflib.get_close_matches(s.init_from, INIT_FROM_NAMES, n=1, cutoff=0.7)
-            if guess:  # a typo of a name we know beats the Hub's "repository not found"
+            if guess and guess[0] != s.init_from:  # a typo of a name we know beats the Hub's "not found"
                 raise UserError(f"init_from '{s.init_from}' is not a folder or a Hub model (did you mean "
                                 f"'{guess[0]}'?)") from None
             if s.init_from.startswith((os.sep, ".", "~")) or s.init_from.count("/") > 1:  # a path, not a Hub id
@@ -356,6 +356,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         modules = ("tensorboard", "tensorboardX") if t == "tensorboard" else (t,)
         if not any(importlib.util.find_spec(m) for m in modules):
             raise UserError(f"log_with: the {t} tracker is not installed (accelerate would skip it): pip install {t}")
+    hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
+    if s.push_to_hub:
+        check_repo_id(hub_id, default_from="" if s.hub_model_id else "out_dir's name")
     # a backend given to a single process makes accelerate look for a process group that nobody started
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" and several else []
@@ -479,7 +482,6 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             "recipe": ", ".join(p for p in recipes) or None,
             "base_model": s.init_from if s.init_from not in ("scratch", "resume") else None}
 
-    hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
     pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
 
     sharded = accelerator.distributed_type == DistributedType.FSDP

@@ -400,6 +400,8 @@ def test_symlinked_out_stays_a_link(corpus, tmp_path):
     [
         (["{tmp}/missing.txt"], "does not exist"),
         (["{tmp}/missing_dir/"], "does not exist"),
+        (["missing_dir/"], "does not exist"),  # a trailing slash: a local path, not a Hub id
+        (["{tmp}/columns"], "do not all have the same columns (one has: content, text); give them the same columns"),
         (["{tmp}/empty_dir"], "no files in folder"),
         (["{tmp}/empty.txt"], "empty"),
         (["{tmp}/empty.txt", "--tokenizer=char"], "empty"),
@@ -424,6 +426,9 @@ def test_bad_input_is_one_line_exit_2(args, message, corpus, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "not_ours").mkdir()
     (tmp_path / "not_ours" / "precious.txt").write_text("keep me")
+    (tmp_path / "columns").mkdir()
+    (tmp_path / "columns" / "a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "columns" / "b.jsonl").write_text('{"content": "two"}\n')
     args = [a.format(tmp=tmp_path, corpus=corpus) for a in args]
     code, _, err = run_cli(capsys, *args, f"--out={tmp_path}/out" if not any(a.startswith("--out") for a in args) else "--force=false")
     assert code == 2
@@ -469,9 +474,25 @@ def test_cli_subprocess_prints_one_line_without_traceback(tmp_path):
     assert res.stderr.strip() == f"error: source '{tmp_path / 'nope.txt'}' does not exist"
 
 
-def test_open_dataset_and_training_checks(prepared, tmp_path):
+def test_a_folder_mixing_parquet_and_jsonl_is_one_corpus(tmp_path):
+    # pandas writes parquet text as large_string, the json builder reads string: concatenating them failed
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": pa.array(["from parquet one", "from parquet two"], pa.large_string())}),
+                   src / "a.parquet")
+    (src / "b.jsonl").write_text('{"text": "from json"}\n')
+    out = prepare(PrepareSettings(source=str(src), tokenizer="gpt2", out=str(tmp_path / "o"), val_split="tail"))
+    enc = gpt2_encoding()
+    expected = [t for d in ("from parquet one", "from parquet two", "from json") for t in enc.encode_ordinary(d) + [GPT2_EOT]]
+    assert stream_tokens(out, "train") + stream_tokens(out, "val") == expected
+
+
+def test_open_dataset_and_training_checks(prepared, corpus, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         open_dataset(str(tmp_path / "nothing"))
+    raw = os.path.join(corpus, "b.jsonl")  # a corpus given where a prepared dataset belongs
+    with pytest.raises(UserError, match=f"not a prepared dataset .*python prepare.py {raw} --out=data/b, then use data/b"):
+        open_dataset(raw)
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="not a prepared dataset"):
         open_dataset(str(tmp_path / "half"))

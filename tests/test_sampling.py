@@ -249,6 +249,7 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
         ([f"--out_dir={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path}"], ["not a checkpoint"]),
+        ([f"--out_dir={os.path.dirname(char_dir)}"], ["not a checkpoint", f"--out_dir={char_dir}"]),  # like out/
         ([ck, f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt", "does not exist"]),
         ([ck, f"--start=FILE:{latin1}"], ["latin1.txt", "not UTF-8"]),
         ([ck, f"--start=FILE:{tmp_path}"], ["is a folder"]),

@@ -766,6 +766,25 @@ def test_init_from_a_missing_folder_says_so(char_data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot load init_from '.*empty': the folder has no config.json"):
         train(tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "empty")))
+    # a right name that cannot be fetched (offline here) is not a typo of itself ("did you mean 'gpt2-xl'?")
+    with pytest.raises(UserError, match="cannot load init_from 'gpt2-xl': no such local folder, and as a Hub id"):
+        train(tiny(char_data, tmp_path / "out", init_from="gpt2-xl"))
+
+
+def test_a_corpus_given_as_the_dataset_names_the_prepare_command(tmp_path):
+    corpus = tmp_path / "my.txt"
+    corpus.write_text("To be, or not to be\n" * 50)
+    with pytest.raises(UserError, match=f"'{corpus}' is not a prepared dataset .*python prepare.py {corpus} "
+                                        f"--out=data/my, then use data/my"):
+        train(tiny(str(corpus), tmp_path / "out"))
+
+
+def test_an_invalid_hub_repository_id_is_refused_before_training(char_data, tmp_path):
+    with pytest.raises(UserError, match="hub_model_id 'bad id' is not valid .*set --hub_model_id=user/name"):
+        train(tiny(char_data, tmp_path / "out", push_to_hub=True, hub_model_id="bad id"))
+    with pytest.raises(UserError, match="taken from out_dir's name 'my run' is not valid"):
+        train(tiny(char_data, tmp_path / "my run", push_to_hub=True))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "my run").exists()
 
 
 @pytest.mark.parametrize("typo, name", [("scrach", "scratch"), ("resum", "resume"), ("gpt2-mediun", "gpt2-medium")])
