@@ -183,11 +183,11 @@ def build_training_model(s: BenchSettings, device_type: str, precision: str):
 
 def prepare_for_training(s: BenchSettings, accelerator, device_type: str, precision: str):
     """Model and optimizer exactly as training sets them up: nanoGPT's AdamW groups, compiled after prepare."""
-    from .training import prepare
+    from .training import prepare_model
 
     model = build_training_model(s, device_type, precision)
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    model_p, optimizer = prepare(accelerator, model, optimizer)
+    model_p, optimizer = prepare_model(accelerator, model, optimizer)
     return model, torch.compile(model_p) if s.compile else model_p, optimizer
 
 
@@ -294,7 +294,7 @@ def plain_setup(raw_model, s: BenchSettings, accelerator, device_type: str, prec
 
 
 def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
-    from .training import end_training, prepare, train_step
+    from .training import end_training, prepare_model, train_step
 
     accelerator = make_accelerator(device_type, precision)
     log = accelerator.print
@@ -302,7 +302,7 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> dict:
     raw = build_training_model(s, device_type, precision)
     plain_model, plain_opt, autocast, scaler = plain_setup(raw, s, accelerator, device_type, precision)
     optimizer = raw.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
-    model, optimizer = prepare(accelerator, raw, optimizer)
+    model, optimizer = prepare_model(accelerator, raw, optimizer)
     if s.compile:  # as train.py: compiled after prepare
         model = torch.compile(model)
     device = accelerator.device

@@ -54,7 +54,7 @@ def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_d
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def prepare(accelerator, model, optimizer):
+def prepare_model(accelerator, model, optimizer):
     """accelerator.prepare, without the wrapper it puts around the model's forward for mixed precision: that wrapper
     also copies every output to float32, and the loss is already float32 inside the model, so the (B, T, vocab) logits
     copy was pure cost (2.5 GB written per GPT-2 124M micro-batch; on an H200 our step was 3.5% slower than a plain
@@ -418,7 +418,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     model.train()
 
     optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
-    model, optimizer = prepare(accelerator, model, optimizer)
+    model, optimizer = prepare_model(accelerator, model, optimizer)
     prepared = model  # what the accelerator holds (DDP / FSDP wrapped), never the compiled wrapper
     compile_model = s.compile if s.compile is not None else compile_by_default(device_type)
     if compile_model:

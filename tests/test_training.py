@@ -259,13 +259,13 @@ def test_prepared_model_keeps_logits_in_the_autocast_dtype():
     # 2.5 GB per GPT-2 micro-batch); the loss is float32 inside the model either way
     from accelerate import Accelerator
 
-    from nanogpt_hf.training import prepare
+    from nanogpt_hf.training import prepare_model
 
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(0)
     model = NanoGPTForCausalLM(scratch_config(tiny("unused", "unused"), 65, "char")).train()
     acc = Accelerator(cpu=True, mixed_precision="bf16")
-    model, _ = prepare(acc, model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
+    model, _ = prepare_model(acc, model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
     x = torch.randint(65, (2, 8))
     with acc.autocast():
         out = model(input_ids=x, shift_labels=x, use_cache=False)
