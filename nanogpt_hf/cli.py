@@ -47,3 +47,7 @@ def hf_main(argv: list[str] | None = None) -> int:
     from .convert import main
 
     return run(main, argv)
+
+
+if __name__ == "__main__":  # `python -m nanogpt_hf.cli ...` is nanogpt-hf (the others have top-level scripts)
+    sys.exit(hf_main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -36,11 +37,24 @@ def read_metrics(path: str) -> list[dict]:
     return events
 
 
+def _replace_atomic(path: str, write, suffix: str = "") -> None:
+    """write(tmp) then rename over path; a failed write (disk full) leaves neither a partial file nor a stray tmp."""
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    _replace_atomic(path, write)
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
@@ -66,10 +80,10 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{png_path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        _replace_atomic(png_path, fig.savefig, suffix=".png")  # the suffix tells matplotlib the format
+    finally:
+        plt.close(fig)
 
 
 @functools.cache

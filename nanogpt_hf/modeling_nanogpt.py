@@ -298,8 +298,30 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     GENERATION_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def generate(self, *args, **kwargs):
+        self._check_generation_fits(args[0] if args else kwargs.get("inputs", kwargs.get("input_ids")), kwargs)
         with sdpa_kernel(self.GENERATION_SDPA_BACKENDS):
             return super().generate(*args, **kwargs)
+
+    def _check_generation_fits(self, inputs, kwargs: dict) -> None:
+        """Refuse, before decoding, a request that outgrows block_size: forward refuses only when it gets there,
+        after up to block_size tokens of work (and a pipeline's default 256 new tokens outgrow a small model)."""
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2:
+            inputs = kwargs.get("inputs_embeds")
+            if not isinstance(inputs, torch.Tensor):
+                return
+        prompt, block_size = inputs.shape[1], self.config.block_size
+        config = kwargs.get("generation_config") or self.generation_config
+        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if new is None:
+            max_length = kwargs.get("max_length", config.max_length)
+            new = None if max_length is None else max_length - prompt
+        if new is None or prompt + new - 1 <= block_size:  # the last new token is never fed back
+            return
+        fix = (f"ask for at most {block_size + 1 - prompt} new tokens" if prompt <= block_size
+               else f"keep the prompt's last {block_size} tokens")
+        raise ValueError(f"{new} new tokens after a {prompt}-token prompt make a sequence of {prompt + new - 1} "
+                         f"tokens, longer than the model's block_size {block_size}: {fix} (sample.py slides the "
+                         f"window to generate past it)")
 
     # ---- nanoGPT's helpers ------------------------------------------------------------------------------------
 

@@ -303,13 +303,21 @@ def check_settings(s: SampleSettings) -> None:
 
 
 def _printing_streamer(tokenizer, skip_special_tokens: bool = False):
-    """A TextStreamer that never adds a newline of its own: generate_ids calls generate once per window chunk, and
-    each call ends the stream."""
+    """A TextStreamer for generate_ids, which calls generate once per window chunk, and each call ends the stream:
+    ending a chunk only marks the next call's prompt as not to be printed, and keeps the tokens not yet printed (the
+    bytes of a character split between chunks printed as two '\ufffd' where the whole text has the character);
+    finish() flushes them. It never adds a newline of its own."""
     from transformers import TextStreamer
 
     class Printer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False):
             print(text, end="", flush=True)
+
+        def end(self):
+            self.next_tokens_are_prompt = True
+
+        def finish(self):
+            super().end()
 
     return Printer(tokenizer, skip_prompt=True, skip_special_tokens=skip_special_tokens)
 
@@ -376,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
             print(prompt, end="", flush=True)
             streamer = _printing_streamer(tokenizer, skip_special_tokens=s.stop_at_eot)
             generate_ids(model, input_ids, None, s.max_new_tokens, streamer=streamer, **kwargs)
+            streamer.finish()
             print()
         else:
             new = generate_ids(model, input_ids, None, s.max_new_tokens, **kwargs)

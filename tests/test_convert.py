@@ -267,8 +267,9 @@ def test_importing_our_own_checkpoint_as_gpt2_prints_one_line(tmp_path):
 
     NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11)).save_pretrained(
         tmp_path / "ours")
-    code = "import sys; from nanogpt_hf.cli import hf_main; sys.exit(hf_main(sys.argv[1:]))"
-    res = subprocess.run([sys.executable, "-c", code, "import-gpt2", str(tmp_path / "ours"), str(tmp_path / "out")],
+    # `python -m nanogpt_hf.cli` is the nanogpt-hf command (it silently did nothing)
+    res = subprocess.run([sys.executable, "-m", "nanogpt_hf.cli", "import-gpt2", str(tmp_path / "ours"),
+                          str(tmp_path / "out")],
                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 2

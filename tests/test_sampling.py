@@ -167,6 +167,25 @@ def test_stream_prints_the_same_text(capsys, char_dir):
     assert plain == streamed
 
 
+def test_stream_keeps_a_character_split_between_window_chunks(capsys):
+    # generate_ids calls generate once per window chunk, and each call ends the streamer: a character whose bytes
+    # are two tokens, one in each chunk, was printed as two '\ufffd'
+    from nanogpt_hf.sampling import _printing_streamer
+
+    tok = gpt2_tokenizer()
+    text = "Ah 龘 yes 龘"
+    ids = tok.encode(text)
+    first, second = ids[:ids.index(11737) + 1], ids[ids.index(11737) + 1:]  # the cut inside the first 龘
+    streamer = _printing_streamer(tok)
+    for chunk in (first, second):  # what generate does per call: the prompt, the new tokens one by one, end()
+        streamer.put(torch.tensor([[0]]))
+        for i in chunk:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+    streamer.finish()
+    assert capsys.readouterr().out == text
+
+
 # ---- the KV cache and the sliding window --------------------------------------------------------------------------
 
 
@@ -290,8 +309,27 @@ def test_a_compiled_decoding_step_is_one_graph():
     prompt = torch.zeros((1, 1), dtype=torch.long)
     compiled = generate_ids(model, prompt, None, BLOCK + 8, cache_implementation="static", compile_config=config, **kw)
     assert torch.equal(compiled, generate_ids(model, prompt, None, BLOCK + 8, **kw))  # windows slid past block_size
-    with pytest.raises(ValueError, match=f"longer than the model's block_size {BLOCK}"):
-        model.generate(prompt, max_new_tokens=BLOCK + 1, cache_implementation="static", **kw)
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=BLOCK + 1)
+    model(prompt, cache=cache)  # allocates the cache (lazily, in the first forward)
+    with pytest.raises(ValueError, match=f"sequence of {BLOCK + 1} tokens is longer than the model's block_size"):
+        model(prompt, cache=cache)  # forward's own check, on the cache's capacity
+
+
+def test_generate_refuses_to_outgrow_block_size_before_decoding():
+    # the forward's refusal came after up to block_size tokens of work, and named the wrong fix for a short prompt
+    model = tiny_model(11, bos_token_id=None, eos_token_id=None)
+    calls = []
+    model.transformer.register_forward_hook(lambda *_: calls.append(1))
+    prompt = torch.zeros((1, 5), dtype=torch.long)
+    kw = dict(do_sample=False, eos_token_id=[], pad_token_id=0)
+    for request in (dict(max_new_tokens=BLOCK), dict(max_length=BLOCK + 5)):
+        with pytest.raises(ValueError, match=f"after a 5-token prompt make a sequence of {BLOCK + 4} tokens, longer "
+                                             f"than the model's block_size {BLOCK}: ask for at most {BLOCK - 4} new"):
+            model.generate(prompt, **request, **kw)
+    assert not calls
+    assert model.generate(prompt, max_new_tokens=BLOCK - 4, **kw).shape[1] == BLOCK + 1  # exactly fits
 
 
 @pytest.mark.slow
