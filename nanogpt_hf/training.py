@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from .checkpoint import (discard_states, latest_state, load_state, prune_states, read_trainer_state,
+from .checkpoint import (TRAINER_STATE, discard_states, latest_state, load_state, prune_states, read_trainer_state,
                          save_model_folder, save_state, state_dirs)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
@@ -105,9 +105,18 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 
 
+def dataset_path(dataset: str, data_dir: str) -> str:
+    """A dataset setting as a path: itself where it exists or has a slash, else a name under data_dir."""
+    return dataset if os.path.exists(dataset) or os.sep in dataset else os.path.join(data_dir, dataset)
+
+
+def same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def resolve_dataset(s: TrainSettings, accelerator) -> str:
     """The prepared folder for s.dataset; the embedded corpora are prepared on first use (by the main process)."""
-    path = s.dataset if os.path.exists(s.dataset) or os.sep in s.dataset else os.path.join(s.data_dir, s.dataset)
+    path = dataset_path(s.dataset, s.data_dir)
     name = os.path.basename(os.path.normpath(s.dataset))
     if not os.path.isfile(os.path.join(path, "meta.json")) and name in EMBEDDED_DATASETS:
         with accelerator.main_process_first():
@@ -159,8 +168,12 @@ def check_same_tokenizer(init_from: str, data) -> None:
 
     from .tokenization import tokenizer_kind
 
+    source = init_from
+    run = os.path.dirname(os.path.dirname(os.path.abspath(init_from)))
+    if os.path.isfile(os.path.join(init_from, TRAINER_STATE)) and os.path.isfile(os.path.join(run, "tokenizer.json")):
+        source = run  # a resumable state (out/state/step-N) holds no tokenizer; its run folder does
     try:
-        theirs = AutoTokenizer.from_pretrained(init_from)
+        theirs = AutoTokenizer.from_pretrained(source)
         kind = tokenizer_kind(theirs)  # a folder without tokenizer files loads as an empty tokenizer: refused here
         chars = theirs.get_vocab() if kind == "char" else None
     except (OSError, ValueError, UserError):  # no usable tokenizer saved: a GPT-2 checkpoint is taken as GPT-2 BPE
@@ -209,6 +222,13 @@ def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> Tr
     saved = TrainSettings(**{k: v for k, v in read_trainer_state(state_dir)["settings"].items()
                              if k in {f.name for f in dataclasses.fields(TrainSettings)}})
     changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
+    if "dataset" in changed or "data_dir" in changed:  # compared as the folders they name
+        new = dataset_path(changed.get("dataset", saved.dataset), changed.get("data_dir", saved.data_dir))
+        if same_folder(new, dataset_path(saved.dataset, saved.data_dir)):  # 'data/x/', a full path, a name
+            changed.pop("dataset", None)
+            changed.pop("data_dir", None)
+        else:
+            changed.setdefault("dataset", new)  # a data_dir that moves the dataset changes it too
     bad = [k for k in changed if k in ARCHITECTURE]
     if bad:
         k = bad[0]
@@ -229,6 +249,9 @@ def restart_settings(s: TrainSettings, explicit: dict, log) -> TrainSettings:
     if saved is None or saved.init_from == "resume":
         raise UserError(f"init_from=resume but {s.out_dir} holds no resumable state (state/step-N); "
                         "train with init_from=scratch first")
+    if s.eval_only:  # restarting would evaluate a freshly initialised model
+        raise UserError(f"eval_only with init_from=resume, but {s.out_dir} holds no resumable state (state/step-N); "
+                        f"evaluate its saved model with --init_from={s.out_dir}")
     log(f"{s.out_dir} holds no resumable state yet (its run stopped before the first checkpoint): "
         f"starting that run again from step 0")
     changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir")}
@@ -411,7 +434,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             open(probe, "w").close()
             os.remove(probe)
     except OSError as exc:
-        raise UserError(f"cannot write to out_dir {s.out_dir}: {exc.strerror}; choose a writable --out_dir") from None
+        what = "it is a file" if os.path.isfile(s.out_dir) else exc.strerror
+        raise UserError(f"cannot write to out_dir {s.out_dir}: {what}; choose a writable --out_dir") from None
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.bos_token_id = model.config.bos_token_id
     model.set_attn_implementation(training_attention(device_type, mixed_precision))  # not saved with the model
@@ -431,7 +455,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     iter_num, best_val_loss, tokens_seen, evaluated = 0, math.inf, 0, False
     if state_dir:
         load_state(accelerator, state_dir)  # weights, optimizer, RNG of every process
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not s.eval_only:  # evaluating changes nothing in out_dir
             prune_states(s.out_dir, s.keep_states)
         ts = read_trainer_state(state_dir)
         iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
@@ -442,7 +466,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                 f"(resume with a larger --max_iters to train on)")
         if ts.get("world_size", world) != world:
             log(f"note: the state was saved by {ts['world_size']} process(es), this run has {world}: it continues, "
-                f"but not exactly as the interrupted run would have (batches and dropout are drawn per process)")
+                f"with the same batches, but dropout is drawn per process: not bit-exactly as the interrupted run "
+                f"would have")
     else:
         torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
 
@@ -463,9 +488,16 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         return 0
 
     main = accelerator.is_main_process
+    # what the records (train_config.yaml, states, model card, trackers) say this run is: a resume is the run it
+    # continues, started from its base model and recipe (init_from=resume there lost both after the first resume)
+    record, saved_recipes = s, list(recipes)
+    if state_dir:
+        saved = read_trainer_state(state_dir)
+        record = dataclasses.replace(s, init_from=saved["settings"].get("init_from", "resume"))
+        saved_recipes = list(recipes) or saved.get("recipes", [])
     if trackers:  # before anything in out_dir changes: a run refused here leaves the previous one resumable
         try:
-            accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(s),
+            accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(record),
                                       init_kwargs={"wandb": {"name": s.wandb_run_name}})
         except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
             hint = " (or log offline: WANDB_MODE=offline)" if "wandb" in trackers else ""
@@ -474,13 +506,13 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         if not state_dir and state_dirs(s.out_dir):  # a new run in an old out_dir: its states would outrank ours
             log(f"a new run in {s.out_dir}: removing the previous run's resumable states")
             discard_states(s.out_dir)
-        save_yaml(s, os.path.join(s.out_dir, "train_config.yaml"))
+        save_yaml(record, os.path.join(s.out_dir, "train_config.yaml"))
     metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
         if main else None
     peak = peak_flops(accelerator.device, mixed_precision)
-    card = {"settings": dataclasses.asdict(s), "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
-            "recipe": ", ".join(p for p in recipes) or None,
-            "base_model": s.init_from if s.init_from not in ("scratch", "resume") else None}
+    card = {"settings": dataclasses.asdict(record), "dataset": data.meta.get("source"),
+            "repo_id": s.hub_model_id or None, "recipe": ", ".join(saved_recipes) or None,
+            "base_model": record.init_from if record.init_from not in ("scratch", "resume") else None}
 
     pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
 
@@ -516,7 +548,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     def save_resumable(evaluated: bool):
         save_state(accelerator, s.out_dir, iter_num, {
             "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "evaluated": evaluated,
-            "settings": dataclasses.asdict(s), "world_size": world}, keep=s.keep_states,
+            "settings": dataclasses.asdict(record), "recipes": saved_recipes, "world_size": world},
+            keep=s.keep_states,
             write=lambda tmp: raw_model.config.to_json_file(os.path.join(tmp, "config.json")))
 
     def stop_and_save(stop: StopRequest, loss) -> int:

@@ -700,6 +700,8 @@ def bad_inputs(w, char):
                                                        "--init_from=resume"], "no resumable state"),
         "train: out_dir below a file": (train_main, [f"--dataset={char}", *t, f"--out_dir={w}/a_file/run"],
                                         "cannot write to out_dir"),
+        "train: out_dir is a file": (train_main, [f"--dataset={char}", *t, f"--out_dir={w}/a_file"],
+                                     "it is a file; choose a writable --out_dir"),
         # sample
         "sample: temperature 0": (sample_main, [f"--init_from={good}", "--temperature=0"], "temperature"),
         "sample: FILE: prompt missing": (sample_main, [f"--init_from={good}", f"--start=FILE:{w}/nope.txt"],

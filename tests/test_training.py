@@ -427,6 +427,51 @@ def test_finetuning_that_never_beats_step_0_still_saves_its_model(char_data, tmp
     assert (tmp_path / "ft" / "model.safetensors").exists()
 
 
+def test_a_resumed_finetune_keeps_its_base_model_and_recipe_on_record(char_data, tmp_path):
+    # train_config.yaml, the states and the model card said init_from=resume after a resume: the base model and
+    # the recipe were lost, and the saved configuration could not repeat the run
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    assert train(tiny(char_data, base, max_iters=2, eval_interval=2)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(tiny(char_data, ft, init_from=str(base), max_iters=2, eval_interval=2), recipes=["mine.yaml"]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(tiny(char_data, ft, init_from="resume", max_iters=4, eval_interval=2),
+                 explicit={"init_from": "resume", "max_iters": 4}) == 0
+    assert yaml.safe_load((ft / "train_config.yaml").read_text())["init_from"] == str(base)
+    with open(ft / "state" / "step-4" / "trainer_state.json") as fh:
+        assert json.load(fh)["settings"]["init_from"] == str(base)
+    card = (ft / "README.md").read_text()
+    assert f"| base model | {base} |" in card and "| recipe | mine.yaml |" in card
+
+
+def test_resume_takes_the_same_dataset_written_another_way(char_data, tmp_path):
+    assert train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2)) == 0
+    for spelling in (char_data + os.sep, os.path.relpath(char_data)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        assert train(tiny(spelling, tmp_path, init_from="resume", max_iters=2),
+                     explicit={"init_from": "resume", "dataset": spelling}) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(UserError, match="cannot resume with dataset="):  # a data_dir that moves a dataset name
+        train(tiny("shakespeare_char", tmp_path, init_from="resume", data_dir=str(tmp_path)),
+              explicit={"init_from": "resume", "dataset": "shakespeare_char", "data_dir": str(tmp_path)})
+
+
+def test_eval_only_on_resume_changes_nothing(char_data, tmp_path):
+    from nanogpt_hf.checkpoint import state_dirs
+
+    assert train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, keep_states=0)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(tiny(char_data, tmp_path, init_from="resume", eval_only=True, keep_states=1),
+                 explicit={"init_from": "resume", "eval_only": True, "keep_states": 1}) == 0
+    assert [step for step, _ in state_dirs(str(tmp_path))] == [2, 4]  # keep_states=1 had pruned step 2
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (tmp_path / "fresh").mkdir()  # a run stopped before its first state: restarting would evaluate a new model
+    (tmp_path / "fresh" / "train_config.yaml").write_text((tmp_path / "train_config.yaml").read_text())
+    with pytest.raises(UserError, match="holds no resumable state .*evaluate its saved model with --init_from="):
+        train(tiny(char_data, tmp_path / "fresh", init_from="resume", eval_only=True),
+              explicit={"init_from": "resume", "eval_only": True})
+
+
 def test_max_iters_0_saves_the_starting_model(char_data, tmp_path):
     assert train(tiny(char_data, tmp_path, max_iters=0)) == 0
     assert NanoGPTForCausalLM.from_pretrained(tmp_path).config.n_layer == 2
@@ -439,6 +484,9 @@ def test_finetuning_refuses_a_dataset_of_another_tokenizer(char_data, tmp_path):
     other = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="char", out=str(tmp_path / "o")))
     with pytest.raises(UserError, match="different character vocabularies"):
         train(tiny(other, tmp_path / "ft", init_from=str(tmp_path / "base")))
+    state = next((tmp_path / "base" / "state").iterdir())  # holds no tokenizer: its run folder's is checked (it was
+    with pytest.raises(UserError, match="different character vocabularies"):  # not, and the ids meant other chars)
+        train(tiny(other, tmp_path / "ft", init_from=str(state)))
     bpe = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="gpt2", out=str(tmp_path / "bpe")))
     with pytest.raises(UserError, match="uses the char tokenizer but dataset .* was prepared with gpt2"):
         train(tiny(bpe, tmp_path / "ft", init_from=str(tmp_path / "base")))
