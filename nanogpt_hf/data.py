@@ -528,8 +528,11 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META_FILE)
     if os.path.exists(path) and not os.path.isfile(meta_path):  # a corpus file or folder (prepare writes atomically)
         stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        out = f"data/{stem}"
+        if os.path.realpath(path).startswith(os.path.realpath(out)):  # prepare never writes over its input
+            out += "_prepared"
         raise UserError(f"'{path}' is not a prepared dataset (no {META_FILE}); prepare it first: python prepare.py "
-                        f"{path} --out=data/{stem}, then use data/{stem}")
+                        f"{path} --out={out}, then use {out}")
     if not os.path.isdir(path):
         raise UserError(f"dataset folder '{path}' does not exist; run prepare.py to create it")
     try:

@@ -298,11 +298,13 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     GENERATION_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def generate(self, *args, **kwargs):
-        self._check_generation_fits(args[0] if args else kwargs.get("inputs", kwargs.get("input_ids")), kwargs)
+        config = args[1] if len(args) > 1 else kwargs.get("generation_config")
+        self._check_generation_fits(args[0] if args else kwargs.get("inputs", kwargs.get("input_ids")), config,
+                                    kwargs)
         with sdpa_kernel(self.GENERATION_SDPA_BACKENDS):
             return super().generate(*args, **kwargs)
 
-    def _check_generation_fits(self, inputs, kwargs: dict) -> None:
+    def _check_generation_fits(self, inputs, config, kwargs: dict) -> None:
         """Refuse, before decoding, a request that outgrows block_size: forward refuses only when it gets there,
         after up to block_size tokens of work (and a pipeline's default 256 new tokens outgrow a small model)."""
         if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2:
@@ -310,10 +312,15 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             if not isinstance(inputs, torch.Tensor):
                 return
         prompt, block_size = inputs.shape[1], self.config.block_size
-        config = kwargs.get("generation_config") or self.generation_config
-        new = kwargs.get("max_new_tokens", config.max_new_tokens)
+
+        def setting(name):  # as generate resolves it: the call's keyword, its config, the model's config
+            configs = [c for c in (config, self.generation_config) if c is not None]
+            return kwargs.get(name, next((getattr(c, name) for c in configs if getattr(c, name, None) is not None),
+                                         None))
+
+        new = setting("max_new_tokens")
         if new is None:
-            max_length = kwargs.get("max_length", config.max_length)
+            max_length = setting("max_length")
             new = None if max_length is None else max_length - prompt
         if new is None or prompt + new - 1 <= block_size:  # the last new token is never fed back
             return

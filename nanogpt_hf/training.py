@@ -60,7 +60,11 @@ def prepare_model(accelerator, model, optimizer):
     copy was pure cost (2.5 GB written per GPT-2 124M micro-batch; on an H200 our step was 3.5% slower than a plain
     PyTorch one compiled, 5% eager). Every forward of training and evaluation runs under accelerator.autocast()."""
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # puts the module's own forward back, in place
+    inner = accelerator.unwrap_model(model)  # (DDP, FSDP1 unwrapped) what accelerate patched, if it did
+    if inner.__dict__.pop("_original_forward", None) is not None:
+        # the class's forward again; accelerate's own unwrap (keep_fp32_wrapper=False) also peels the model's
+        # decorators (can_return_tuple: return_dict=False then failed)
+        inner.__dict__.pop("forward", None)
     return model, optimizer
 
 
@@ -222,13 +226,10 @@ def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> Tr
     saved = TrainSettings(**{k: v for k, v in read_trainer_state(state_dir)["settings"].items()
                              if k in {f.name for f in dataclasses.fields(TrainSettings)}})
     changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
-    if "dataset" in changed or "data_dir" in changed:  # compared as the folders they name
-        new = dataset_path(changed.get("dataset", saved.dataset), changed.get("data_dir", saved.data_dir))
-        if same_folder(new, dataset_path(saved.dataset, saved.data_dir)):  # 'data/x/', a full path, a name
-            changed.pop("dataset", None)
-            changed.pop("data_dir", None)
-        else:
-            changed.setdefault("dataset", new)  # a data_dir that moves the dataset changes it too
+    if "dataset" in changed and same_folder(  # the same folder written another way ('data/x/', a full path, a name)
+            dataset_path(changed["dataset"], changed.get("data_dir", saved.data_dir)),
+            dataset_path(saved.dataset, saved.data_dir)):
+        del changed["dataset"]
     bad = [k for k in changed if k in ARCHITECTURE]
     if bad:
         k = bad[0]
@@ -250,8 +251,10 @@ def restart_settings(s: TrainSettings, explicit: dict, log) -> TrainSettings:
         raise UserError(f"init_from=resume but {s.out_dir} holds no resumable state (state/step-N); "
                         "train with init_from=scratch first")
     if s.eval_only:  # restarting would evaluate a freshly initialised model
+        fix = (f"evaluate its saved model with --init_from={s.out_dir}"
+               if os.path.isfile(os.path.join(s.out_dir, "config.json")) else "it has no model to evaluate yet")
         raise UserError(f"eval_only with init_from=resume, but {s.out_dir} holds no resumable state (state/step-N); "
-                        f"evaluate its saved model with --init_from={s.out_dir}")
+                        f"{fix}")
     log(f"{s.out_dir} holds no resumable state yet (its run stopped before the first checkpoint): "
         f"starting that run again from step 0")
     changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir")}

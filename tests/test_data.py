@@ -487,12 +487,18 @@ def test_a_folder_mixing_parquet_and_jsonl_is_one_corpus(tmp_path):
     assert stream_tokens(out, "train") + stream_tokens(out, "val") == expected
 
 
-def test_open_dataset_and_training_checks(prepared, corpus, tmp_path):
+def test_open_dataset_and_training_checks(prepared, corpus, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         open_dataset(str(tmp_path / "nothing"))
     raw = os.path.join(corpus, "b.jsonl")  # a corpus given where a prepared dataset belongs
     with pytest.raises(UserError, match=f"not a prepared dataset .*python prepare.py {raw} --out=data/b, then use data/b"):
         open_dataset(raw)
+    mine = tmp_path / "data" / "mine"  # already under data/: prepare would refuse to write over its own input
+    mine.mkdir(parents=True)
+    (mine / "a.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--out=data/mine_prepared, then use data/mine_prepared"):
+        open_dataset("data/mine")
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="not a prepared dataset"):
         open_dataset(str(tmp_path / "half"))

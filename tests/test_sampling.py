@@ -330,6 +330,10 @@ def test_generate_refuses_to_outgrow_block_size_before_decoding():
             model.generate(prompt, **request, **kw)
     assert not calls
     assert model.generate(prompt, max_new_tokens=BLOCK - 4, **kw).shape[1] == BLOCK + 1  # exactly fits
+    from transformers import GenerationConfig
+
+    model.generation_config.max_new_tokens = 100  # a config passed positionally overrides it
+    assert model.generate(prompt, GenerationConfig(max_new_tokens=3, **kw)).shape[1] == 8
 
 
 @pytest.mark.slow
