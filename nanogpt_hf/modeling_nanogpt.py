@@ -313,8 +313,9 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
                 return
         prompt, block_size = inputs.shape[1], self.config.block_size
 
+        configs = [c for c in (config, self.generation_config) if c is not None]
+
         def setting(name):  # as generate resolves it: the call's keyword, its config, the model's config
-            configs = [c for c in (config, self.generation_config) if c is not None]
             return kwargs.get(name, next((getattr(c, name) for c in configs if getattr(c, name, None) is not None),
                                          None))
 

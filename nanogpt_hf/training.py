@@ -495,9 +495,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     # continues, started from its base model and recipe (init_from=resume there lost both after the first resume)
     record, saved_recipes = s, list(recipes)
     if state_dir:
-        saved = read_trainer_state(state_dir)
-        record = dataclasses.replace(s, init_from=saved["settings"].get("init_from", "resume"))
-        saved_recipes = list(recipes) or saved.get("recipes", [])
+        record = dataclasses.replace(s, init_from=ts["settings"].get("init_from", "resume"))
+        saved_recipes = list(recipes) or ts.get("recipes", [])
     if trackers:  # before anything in out_dir changes: a run refused here leaves the previous one resumable
         try:
             accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(record),
