@@ -853,13 +853,12 @@ def prepare(cfg: PrepareSettings) -> str:
 
 def _summary(out: str, meta: dict, seconds: float) -> None:
     total = sum(s["tokens"] for s in meta["splits"].values())
-    docs = sum(s["documents"] for s in meta["splits"].values())
     rule = meta["val_split"]
     print(f"prepared {meta['source']} -> {out} ({meta['tokenizer']}, vocab {meta['vocab_size']}, {meta['dtype']})")
-    for name, s in meta["splits"].items():
+    for name, s in meta["splits"].items():  # the tail split's cut document is counted in both: no total of documents
         print(f"  {name:5s} {s['documents']:>12,} documents {s['tokens']:>15,} tokens")
     print(
-        f"  {docs:,} documents, {total:,} tokens in {seconds:.1f} s ({_human(total / max(seconds, 1e-9), 'tokens/s')}); "
+        f"  {total:,} tokens in {seconds:.1f} s ({_human(total / max(seconds, 1e-9), 'tokens/s')}); "
         f"val: {rule['rule']} {rule['fraction']}; {_human(_du(out))} on disk"
     )
 

@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from .checkpoint import (TRAINER_STATE, discard_states, latest_state, load_state, prune_states, read_trainer_state,
-                         save_model_folder, save_state, state_dirs)
+from .checkpoint import (STATE_DIR, TRAINER_STATE, discard_states, latest_state, load_state, prune_states,
+                         read_trainer_state, save_model_folder, save_state, state_dirs)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError, first_line
@@ -240,6 +240,21 @@ def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> Tr
     return dataclasses.replace(saved, **changed, init_from="resume", out_dir=s.out_dir)
 
 
+def refuse_to_replace_unfinished(out_dir: str) -> None:
+    """A new run in out_dir discards the states there (they would outrank its own): refused while they belong to a run
+    that has not reached its max_iters, so that relaunching a recipe without --init_from=resume (or a new run that
+    fails at its first step) cannot lose an interrupted run. A finished run's states are replaced."""
+    latest = latest_state(out_dir)
+    if latest is None:
+        return
+    ts = read_trainer_state(latest)
+    max_iters = ts.get("settings", {}).get("max_iters", 0)
+    if ts["step"] < max_iters:
+        raise UserError(f"{out_dir} holds an unfinished run (step {ts['step']} of {max_iters}): continue it with "
+                        f"--init_from=resume, or start the new run in another --out_dir (or after deleting "
+                        f"{os.path.join(out_dir, STATE_DIR)})")
+
+
 def restart_settings(s: TrainSettings, explicit: dict, log) -> TrainSettings:
     """init_from=resume in an out_dir whose run was stopped before its first checkpoint (it wrote train_config.yaml,
     but no state yet): that run again from step 0, with its settings and what the user set explicitly."""
@@ -369,6 +384,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             s = restart_settings(s, explicit, notes.append)  # killed before its first checkpoint: start it again
         else:
             s = resume_settings(s, explicit, state_dir, notes.append)
+    elif not s.eval_only:  # evaluating writes nothing
+        refuse_to_replace_unfinished(s.out_dir)
     device_type = resolve_device_type(s.device)
     if device_type == "cpu":
         keep_freed_memory()  # a quarter of a CPU step was page faults
@@ -467,10 +484,11 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         if iter_num >= s.max_iters and not s.eval_only:
             log(f"nothing to train: the state is at step {iter_num} and max_iters is {s.max_iters} "
                 f"(resume with a larger --max_iters to train on)")
-        if ts.get("world_size", world) != world:
-            log(f"note: the state was saved by {ts['world_size']} process(es), this run has {world}: it continues, "
-                f"with the same batches, but dropout is drawn per process: not bit-exactly as the interrupted run "
-                f"would have")
+        saved_on = (ts.get("world_size", world), ts.get("device_type", device_type))
+        if saved_on != (world, device_type):  # (accelerate skips another device's RNG state at INFO level)
+            log(f"note: the state was saved by {saved_on[0]} {saved_on[1]} process(es), this run has {world} "
+                f"{device_type}: it continues, with the same batches, but dropout is drawn per process and device: "
+                f"not bit-exactly as the interrupted run would have")
     else:
         torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
 
@@ -506,7 +524,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             raise UserError(f"cannot start the {', '.join(trackers)} tracker: {first_line(exc)}{hint}") from None
     if main:
         if not state_dir and state_dirs(s.out_dir):  # a new run in an old out_dir: its states would outrank ours
-            log(f"a new run in {s.out_dir}: removing the previous run's resumable states")
+            log(f"a new run in {s.out_dir}: removing the finished previous run's resumable states")
             discard_states(s.out_dir)
         save_yaml(record, os.path.join(s.out_dir, "train_config.yaml"))
     metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
@@ -550,7 +568,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     def save_resumable(evaluated: bool):
         save_state(accelerator, s.out_dir, iter_num, {
             "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "evaluated": evaluated,
-            "settings": dataclasses.asdict(record), "recipes": saved_recipes, "world_size": world},
+            "settings": dataclasses.asdict(record), "recipes": saved_recipes, "world_size": world,
+            "device_type": device_type},
             keep=s.keep_states,
             write=lambda tmp: raw_model.config.to_json_file(os.path.join(tmp, "config.json")))
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +276,23 @@ def test_new_run_in_an_old_out_dir_does_not_keep_the_old_states(char_data, strai
     assert train_in_process(*run_args(char_data, out, 8)) == 0
     assert [step for step, _ in state_dirs(str(out))] == [4, 8]
     assert train_in_process(*run_args(char_data, out, MAX_ITERS), "--init_from=resume") == 0
+    assert_same_run(straight, out)
+
+
+def test_new_run_over_an_unfinished_run_is_refused_and_changes_nothing(char_data, straight, tmp_path, capsys):
+    """Relaunching a recipe without --init_from=resume must not discard an interrupted run's states: refused with
+    one line naming both ways on, out_dir untouched, and the interrupted run still resumes exactly."""
+    out = tmp_path / "interrupted"
+    shutil.copytree(straight, out)
+    shutil.rmtree(out / "state" / f"step-{MAX_ITERS}")  # what a kill between the step-12 and step-16 saves leaves
+    before = snapshot(out)
+    capsys.readouterr()
+    assert train_in_process(*run_args(char_data, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"holds an unfinished run (step 12 of {MAX_ITERS}): continue it with --init_from=resume" in err
+    assert snapshot(out) == before
+    assert train_in_process(*run_args(char_data, out), "--init_from=resume") == 0
     assert_same_run(straight, out)
 
 

@@ -408,6 +408,20 @@ def test_resume_is_exact(char_data, tmp_path):
     assert [e["loss"] for e in metrics(tmp_path / "a", "train")] == [e["loss"] for e in metrics(tmp_path / "b", "train")]
 
 
+def test_resume_on_another_device_says_it_is_not_bit_exact(char_data, tmp_path, capsys):
+    # accelerate skips the RNG state of a device it does not have (a CUDA run resumed on a CPU) at INFO level
+    assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ts_path = tmp_path / "state" / "step-3" / "trainer_state.json"
+    ts = json.loads(ts_path.read_text())
+    assert ts["device_type"] == "cpu"
+    ts_path.write_text(json.dumps(dict(ts, device_type="cuda")))
+    capsys.readouterr()
+    assert train(tiny(char_data, tmp_path, max_iters=4, init_from="resume"),
+                 explicit={"max_iters": 4, "init_from": "resume"}) == 0
+    assert "the state was saved by 1 cuda process(es), this run has 1 cpu: it continues" in capsys.readouterr().out
+
+
 def test_resume_applies_a_dropout_change(char_data, tmp_path):
     assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3, dropout=0.1)) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
