@@ -32,8 +32,7 @@ from .configuration_nanogpt import NanoGPTConfig
 GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT2Config options that change the function the model computes, at the values nanoGPT's architecture has.
 # reorder_and_upcast_attn is not one: it only computes eager attention scores in fp32 under autocast.
-GPT2_OPTIONS_OF_NANOGPT = dict(tie_word_embeddings=True, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-                               add_cross_attention=False)
+GPT2_OPTIONS_OF_NANOGPT = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -195,6 +194,8 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is None:  # the pre-5.24 name of the same argument
+            cache = kwargs.pop("past_key_values", None)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
         T = inputs_embeds.shape[1]
@@ -208,6 +209,8 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         # a static cache counts its tokens on the device: reading the count would sync and split a compiled decoding
         # step, so its capacity (the longest sequence generate will make) is checked instead
         length = past + T if isinstance(past, int) else cache.get_max_length()
+        if length > self.config.block_size and attention_mask is not None and attention_mask.ndim == 2:
+            length = int(attention_mask.sum(-1).max())  # padding takes no positions (below): only real tokens count
         if length > self.config.block_size:
             raise ValueError(
                 f"sequence of {length} tokens is longer than the model's block_size {self.config.block_size}: "
@@ -234,7 +237,9 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
-            x = block(x, causal_mask, cache if use_cache else None, position_ids=position_ids, **kwargs)
+            # a cache passed in is read and extended even with use_cache=False (as GPT-2 does), which only keeps
+            # it out of the output: the mask above already spans its tokens
+            x = block(x, causal_mask, cache, position_ids=position_ids, **kwargs)
         x = self.ln_f(x)
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None)
 
@@ -269,8 +274,6 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """labels are shifted inside (labels = input_ids works; -100 is ignored). Training code that already holds
         next-token targets y (nanoGPT's x, y windows) passes shift_labels=y instead."""
-        if cache is None and "past_key_values" in kwargs:  # the pre-5.24 name of the same argument
-            cache = kwargs.pop("past_key_values")
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -312,6 +315,9 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             if not isinstance(inputs, torch.Tensor):
                 return
         prompt, block_size = inputs.shape[1], self.config.block_size
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == prompt:
+            prompt = int(mask.sum(-1).max())  # padding takes no positions: a padded batch fits as its longest prompt
 
         configs = [c for c in (config, self.generation_config) if c is not None]
 
@@ -415,6 +421,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
                 layer_norm_epsilon=gpt2_config.layer_norm_epsilon,
                 bos_token_id=gpt2_config.bos_token_id,
                 eos_token_id=gpt2_config.eos_token_id,
+                tie_word_embeddings=gpt2_config.tie_word_embeddings,
             )
         except ValueError as exc:  # a GPT-2 setting nanoGPT has no equivalent for, e.g. another activation
             raise OSError(f"cannot load '{name_or_path}' as nanoGPT: {exc}") from None
@@ -455,7 +462,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             bos_token_id=cfg.bos_token_id,
             eos_token_id=cfg.eos_token_id,
             pad_token_id=cfg.pad_token_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=cfg.tie_word_embeddings,
         )
         gpt2 = GPT2LMHeadModel(gpt2_config)
         ours = {k: v.detach().float() for k, v in self.state_dict().items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, NanoGPTModel
 
 
 def tiny_config(**kw):
@@ -280,7 +280,6 @@ def tiny_gpt2_dir(path, **options):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("tie_word_embeddings", False),  # a separate lm_head would be loaded into the tied wte
     ("scale_attn_weights", False),
     ("scale_attn_by_inverse_layer_idx", True),
     ("add_cross_attention", True),
@@ -291,6 +290,21 @@ def test_from_gpt2_refuses_what_nanogpt_cannot_compute(tmp_path, option, value):
     with pytest.raises(OSError, match=option) as info:
         NanoGPTForCausalLM.from_gpt2(tiny_gpt2_dir(tmp_path, **{option: value}))
     assert "\n" not in str(info.value)
+
+
+def test_untied_head_round_trips_through_gpt2(tmp_path):
+    # the export tied the head whatever the model had: GPT-2 then computed logits from the wrong matrix
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config(tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    model.save_gpt2(tmp_path / "gpt2")
+    gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    back = NanoGPTForCausalLM.from_gpt2(str(tmp_path / "gpt2")).eval()
+    assert not back.config.tie_word_embeddings
+    x = torch.randint(0, 300, (2, 30))
+    assert (gpt2(x).logits - model(x).logits).abs().max().item() < 1e-4
+    assert (back(x).logits - model(x).logits).abs().max().item() < 1e-4
 
 
 def test_from_gpt2_accepts_reorder_and_upcast_attn(tmp_path):
@@ -341,6 +355,44 @@ def test_left_padded_batch_generates_like_each_prompt_alone(impl):
         alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=15,
                                do_sample=False)
         assert torch.equal(batch[i, L:], alone[0, len(p):])
+
+
+def test_bare_model_continues_a_cache_like_gpt2():
+    """NanoGPTModel takes past_key_values (it ignored it), and a cache passed with use_cache=False is still read (the
+    mask spanned its tokens while the blocks did not: a shape error)."""
+    from transformers import AutoModel, DynamicCache
+
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config()).eval()
+    x = torch.randint(3, 300, (2, 10))
+    full = model.transformer(x).last_hidden_state[:, 6:]
+    first = model.transformer(x[:, :6], past_key_values=DynamicCache(config=model.config))
+    assert first.cache.get_seq_length() == 6
+    rest = model.transformer(x[:, 6:], past_key_values=first.cache)
+    assert (rest.last_hidden_state - full).abs().max().item() < 1e-5
+    cache = model(x[:, :6]).cache
+    out = model(x[:, 6:], cache=cache, use_cache=False)
+    assert out.cache is None
+    assert (out.logits - model(x).logits[:, 6:]).abs().max().item() < 1e-5
+    assert type(AutoModel.from_config(model.config)) is NanoGPTModel
+
+
+def test_padding_does_not_count_against_block_size():
+    """Positions come from the attention mask, so a padded prompt fits as its real tokens do (GPT-2 generates it);
+    only real tokens past block_size are refused."""
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(tiny_config(block_size=16)).eval()
+    prompt = torch.randint(3, 300, (1, 5))
+    alone = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
+    padded = torch.cat([torch.zeros(1, 12, dtype=torch.long), prompt], 1)
+    mask = (padded != 0).long()
+    mask[:, 12:] = 1
+    out = model.generate(padded, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, 12:], alone)
+    with pytest.raises(ValueError, match="13 new tokens after a 5-token prompt make a sequence of 17 tokens"):
+        model.generate(padded, attention_mask=mask, max_new_tokens=13, do_sample=False, pad_token_id=0)
+    logits = model(padded, attention_mask=mask).logits[:, 12:]
+    assert (logits - model(prompt).logits).abs().max().item() < 1e-5
 
 
 def test_auto_classes_and_remote_code_in_a_fresh_process(tmp_path):
