@@ -175,6 +175,15 @@ def prune_states(out_dir: str, keep: int) -> None:
         _discard(old)
 
 
+def tokenizer_folder(checkpoint: str) -> str:
+    """Where a checkpoint's tokenizer is: its own folder, or for a resumable state (out/state/step-N, which holds
+    none) its run folder."""
+    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and os.path.isfile(os.path.join(run, "tokenizer.json")):
+        return run
+    return checkpoint
+
+
 def read_trainer_state(path: str) -> dict:
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
         return json.load(fh)

@@ -969,8 +969,10 @@ def open_dataset(path: str, tokenizer_kind: str | None = None) -> PreparedData:
     return PreparedData(path, meta)
 
 
-def check_compatible(meta, model_vocab_size: int, block_size: int, tokenizer_kind: str | None = None) -> None:
-    """Training-start checks: the model can embed every id, each split holds one window, the tokenizer matches."""
+def check_compatible(meta, model_vocab_size: int, block_size: int, tokenizer_kind: str | None = None,
+                     vocab_fix: str = "set --vocab_size={needed} or more") -> None:
+    """Training-start checks: the model can embed every id, each split holds one window, the tokenizer matches.
+    vocab_fix: what the caller's user can do about a dataset vocabulary too large for the model."""
     meta = meta.meta if isinstance(meta, (PreparedData, TokenStream)) else meta
     where = meta.get("source", "the dataset")
     if tokenizer_kind is not None and meta["tokenizer"] != tokenizer_kind:
@@ -980,7 +982,7 @@ def check_compatible(meta, model_vocab_size: int, block_size: int, tokenizer_kin
     if meta["vocab_size"] > model_vocab_size:
         raise UserError(
             f"the dataset's vocabulary ({meta['vocab_size']} tokens) is larger than the model's vocab_size "
-            f"({model_vocab_size}); set vocab_size >= {meta['vocab_size']}"
+            f"({model_vocab_size}); {vocab_fix.format(needed=meta['vocab_size'])}"
         )
     for name, split in meta["splits"].items():
         if split["tokens"] < block_size + 1:

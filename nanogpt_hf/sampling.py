@@ -223,6 +223,7 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import tokenization
+    from .checkpoint import tokenizer_folder
     from .modeling_nanogpt import NanoGPTForCausalLM
 
     source = out_dir if init_from == "resume" else init_from
@@ -236,7 +237,8 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
         if not os.path.isfile(os.path.join(source, "config.json")):
             inside = sorted(os.path.join(source, d) for d in os.listdir(source)
                             if os.path.isfile(os.path.join(source, d, "config.json")))  # e.g. out/ of every run
-            fix = f"choose one inside it: --out_dir={' or --out_dir='.join(inside)}" if inside else \
+            option = "--out_dir=" if init_from == "resume" else "--init_from="
+            fix = f"choose one inside it: {option}{(' or ' + option).join(inside)}" if inside else \
                 "train one or set --init_from"
             raise UserError(f"'{source}' is not a checkpoint folder (no config.json); {fix}")
         from safetensors import SafetensorError
@@ -245,7 +247,7 @@ def load_model_and_tokenizer(init_from: str, out_dir: str):
             model = AutoModelForCausalLM.from_pretrained(source)
         except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: truncated or corrupt weights
             raise UserError(f"cannot load the checkpoint in '{source}': {first_line(exc)}") from None
-        return model, tokenization.load_tokenizer(source)
+        return model, tokenization.load_tokenizer(tokenizer_folder(source))
     if init_from == "resume" or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise UserError(f"checkpoint folder '{source}' does not exist; train a model first or set --init_from")
     try:  # a Hub id (owner/name)

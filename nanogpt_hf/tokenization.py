@@ -40,7 +40,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 GPT2_RANKS_PATH = os.path.join(ASSETS, "gpt2.tiktoken")
@@ -197,4 +197,8 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
         raise UserError(f"tokenizer folder '{path}' does not exist")
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         raise UserError(f"'{path}' holds no tokenizer (tokenizer.json); was it saved with save_pretrained?")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # damaged files: json, tokenizers and transformers each raise their own kind
+        raise UserError(f"cannot load the tokenizer in '{path}': {first_line(exc)}; copy tokenizer.json and "
+                        "tokenizer_config.json from the dataset the model was trained on") from None

@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from .checkpoint import (STATE_DIR, TRAINER_STATE, discard_states, latest_state, load_state, prune_states,
-                         read_trainer_state, save_model_folder, save_state, state_dirs)
+from .checkpoint import (STATE_DIR, discard_states, latest_state, load_state, prune_states, read_trainer_state,
+                         save_model_folder, save_state, state_dirs, tokenizer_folder)
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .errors import UserError, first_line
@@ -166,30 +166,28 @@ def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
     raise UserError(f"init_from '{s.init_from}' is a {config.model_type!r} model; GPT-2 and nanogpt_hf are supported")
 
 
-def check_same_tokenizer(init_from: str, data) -> None:
-    """Finetuning: the dataset's ids must mean what the checkpoint's ids mean (same tokenizer, same characters)."""
+def check_same_tokenizer(init_from: str, data, name: str | None = None) -> None:
+    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (same tokenizer, same
+    characters). name: how messages call the checkpoint (init_from '...' by default)."""
     from transformers import AutoTokenizer
 
     from .tokenization import tokenizer_kind
 
-    source = init_from
-    run = os.path.dirname(os.path.dirname(os.path.abspath(init_from)))
-    if os.path.isfile(os.path.join(init_from, TRAINER_STATE)) and os.path.isfile(os.path.join(run, "tokenizer.json")):
-        source = run  # a resumable state (out/state/step-N) holds no tokenizer; its run folder does
     try:
-        theirs = AutoTokenizer.from_pretrained(source)
+        theirs = AutoTokenizer.from_pretrained(tokenizer_folder(init_from))
         kind = tokenizer_kind(theirs)  # a folder without tokenizer files loads as an empty tokenizer: refused here
         chars = theirs.get_vocab() if kind == "char" else None
     except (OSError, ValueError, UserError):  # no usable tokenizer saved: a GPT-2 checkpoint is taken as GPT-2 BPE
         if AutoConfig.from_pretrained(init_from).model_type != "gpt2":
             return
         kind, chars = "gpt2", None
+    name = name or f"init_from '{init_from}'"
     if kind != data.tokenizer_kind:
-        raise UserError(f"init_from '{init_from}' uses the {kind} tokenizer but dataset {data.path} was prepared with "
+        raise UserError(f"{name} uses the {kind} tokenizer but dataset {data.path} was prepared with "
                         f"{data.tokenizer_kind}: prepare it with --tokenizer={kind}")
     if chars is not None and chars != data.tokenizer().get_vocab():
-        raise UserError(f"init_from '{init_from}' and dataset {data.path} have different character vocabularies "
-                        "(the same ids would mean other characters): finetune on a dataset with the same characters")
+        raise UserError(f"{name} and dataset {data.path} have different character vocabularies (the same ids would "
+                        "mean other characters): train on a dataset prepared from the same characters")
 
 
 def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfig:
@@ -430,6 +428,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         config = (NanoGPTConfig.from_pretrained(state_dir, dropout=s.dropout) if state_dir  # dropout may change
                   else scratch_config(s, data.vocab_size, data.tokenizer_kind))
         model = NanoGPTForCausalLM(config)
+        if state_dir and os.path.isfile(os.path.join(s.out_dir, "tokenizer.json")):  # a dataset prepared again since
+            check_same_tokenizer(s.out_dir, data, name=f"the run in {s.out_dir}")
     else:
         model = load_init_model(s)
         check_same_tokenizer(s.init_from, data)
@@ -442,7 +442,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         # the recipe's architecture, which finetuning ignores (as nanoGPT does)
         c = model.config
         s = dataclasses.replace(s, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias)
-    check_compatible(data.meta, model.config.vocab_size, s.block_size)
+    check_compatible(data.meta, model.config.vocab_size, s.block_size,
+                     vocab_fix="train on a dataset prepared with the model's tokenizer")
     if data.tokenizer_kind == "gpt2" and model.config.vocab_size < 50257:
         raise UserError(f"the dataset uses GPT-2 BPE but the model has vocab_size {model.config.vocab_size}")
     tokenizer = data.tokenizer()

@@ -1,6 +1,7 @@
 """sample.py end to end on tiny checkpoints built here: every option, determinism, the sliding window, and errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -258,6 +259,9 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
     ck = f"--init_from={char_dir}"
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café".encode("latin-1"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(char_dir, damaged)
+    (damaged / "tokenizer.json").write_text("{not json")
     cases = [
         ([ck, "--temperature=0"], ["temperature", "--greedy"]),
         ([ck, "--temperature=-1"], ["temperature"]),
@@ -269,6 +273,8 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
         ([f"--init_from={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path}"], ["not a checkpoint"]),
         ([f"--out_dir={os.path.dirname(char_dir)}"], ["not a checkpoint", f"--out_dir={char_dir}"]),  # like out/
+        ([f"--init_from={os.path.dirname(char_dir)}"], ["not a checkpoint", f"--init_from={char_dir}"]),
+        ([f"--init_from={damaged}"], ["cannot load the tokenizer", "tokenizer.json"]),
         ([ck, f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt", "does not exist"]),
         ([ck, f"--start=FILE:{latin1}"], ["latin1.txt", "not UTF-8"]),
         ([ck, f"--start=FILE:{tmp_path}"], ["is a folder"]),

@@ -507,6 +507,34 @@ def test_finetuning_refuses_a_dataset_of_another_tokenizer(char_data, tmp_path):
         train(tiny(bpe, tmp_path / "ft", init_from=str(tmp_path / "base")))
 
 
+def test_resume_refuses_a_dataset_prepared_again_with_other_characters(tmp_path):
+    # the resume trained on (same vocabulary size, other characters) and saved a tokenizer that mapped the model's
+    # ids to the new characters; a larger vocabulary was refused naming a setting train.py does not have
+    for i, text in enumerate(("abcdefgh\n" * 800, "qrstuvwx\n" * 800, "abcdefghijklmnopqrs\n" * 400)):
+        (tmp_path / "corpus.txt").write_text(text)
+        data = prepare(PrepareSettings(source=str(tmp_path / "corpus.txt"), tokenizer="char",
+                                       out=str(tmp_path / "data"), force=True))
+        if i == 0:
+            assert train(tiny(data, tmp_path / "run", max_iters=3, eval_interval=3)) == 0
+            continue
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(UserError, match=f"the run in {tmp_path / 'run'} and dataset .* have different character "
+                                            "vocabularies"):
+            train(tiny(data, tmp_path / "run", max_iters=6, init_from="resume"),
+                  explicit={"max_iters": 6, "init_from": "resume"})
+
+
+def test_sample_py_samples_from_a_resumable_state(char_data, tmp_path, capsys):
+    # a state holds no tokenizer: its run folder's is used (the hint for out/state named step folders that failed)
+    from nanogpt_hf.cli import sample_main
+
+    assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
+    capsys.readouterr()
+    assert sample_main([f"--init_from={tmp_path / 'state'}", "--max_new_tokens=3"]) == 2
+    assert f"--init_from={tmp_path / 'state' / 'step-3'}" in capsys.readouterr().err
+    assert sample_main([f"--init_from={tmp_path / 'state' / 'step-3'}", "--max_new_tokens=3", "--num_samples=1"]) == 0
+
+
 def test_a_corpus_without_newlines_still_ends_with_a_sample(tmp_path, capsys):
     (tmp_path / "one_line.txt").write_text("to be or not to be that is the question " * 300)
     data = prepare(PrepareSettings(source=str(tmp_path / "one_line.txt"), tokenizer="char", out=str(tmp_path / "d")))
