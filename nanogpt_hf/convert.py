@@ -24,6 +24,7 @@ import zipfile
 
 import torch
 
+from .checkpoint import STATE_DIR
 from .configuration_nanogpt import NanoGPTConfig
 from .errors import UserError, first_line
 from .hub import push_checkpoint, write_model_card
@@ -50,6 +51,9 @@ def check_output_dir(out_dir: str, force: bool = False) -> None:
         if not os.path.isfile(os.path.join(out_dir, "config.json")):  # --force must not wipe an arbitrary folder
             raise UserError(f"output folder '{out_dir}' is not a checkpoint folder (no config.json); --force only "
                             "replaces checkpoints: choose another folder")
+        if os.path.isdir(os.path.join(out_dir, STATE_DIR)):  # a train.py out_dir: its states and logs would go too
+            raise UserError(f"output folder '{out_dir}' is a training run's out_dir (it holds {STATE_DIR}/ and its "
+                            "logs); --force only replaces exported checkpoints: choose another folder")
 
 
 @contextlib.contextmanager

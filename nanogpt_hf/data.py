@@ -805,10 +805,16 @@ def prepare(cfg: PrepareSettings) -> str:
             return out
     _remove_stale_work(target)
     parent, base = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
     work = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
+    try:
+        os.makedirs(work)
+    except OSError as exc:  # a file where a folder of the path should be, no permission, a read-only disk
+        blocker = parent
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        what = f"'{blocker}' is a file" if os.path.isfile(blocker) else exc.strerror
+        raise UserError(f"cannot create the output folder '{out}': {what}; choose another --out") from None
     t0 = time.time()
     try:
         if cfg.streaming:

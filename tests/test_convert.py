@@ -13,7 +13,7 @@ import torch
 from nanogpt_reference import RefGPT  # nanoGPT's model.py
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
-from nanogpt_hf import NanoGPTForCausalLM
+from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import hf_main
 from nanogpt_hf.tokenization import char_tokenizer
 
@@ -213,6 +213,11 @@ def _bad_inputs(root):
     (root / "full").mkdir()
     (root / "full" / "keep.txt").write_text("precious")
     (root / "plainfile").write_text("x")
+    (root / "run" / "state" / "step-4").mkdir(parents=True)  # a train.py out_dir: --force would wipe states and logs
+    (root / "run" / "config.json").write_text("{}")
+    (root / "run" / "metrics.jsonl").write_text("{}\n")
+    NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)).save_pretrained(
+        root / "ours")  # a valid checkpoint to export
     return {
         "missing ckpt": ["convert-nanogpt", root / "nope.pt", root / "out"],
         "folder as ckpt": ["convert-nanogpt", root / "good", root / "out"],
@@ -230,6 +235,7 @@ def _bad_inputs(root):
         "out inside a file": ["convert-nanogpt", good, root / "plainfile" / "hf"],
         "--force on a folder that is no checkpoint": ["convert-nanogpt", good, root / "full", "--force"],
         "--force on the folder holding the input": ["convert-nanogpt", good, good.parent, "--force"],
+        "--force on a training run's out_dir": ["export-gpt2", root / "ours", root / "run", "--force"],
         "export missing": ["export-gpt2", root / "nope", root / "out"],
         "export not ours": ["export-gpt2", root / "full", root / "out"],
         "import offline hub id": ["import-gpt2", "gpt2", root / "out"],
@@ -249,6 +255,7 @@ def _snapshot(root):
 def test_bad_inputs_exit_2_with_one_line_and_change_nothing(tmp_path, capsys):
     cases = _bad_inputs(tmp_path)
     before = _snapshot(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
     for name, argv in cases.items():
         rc, _, err = run_cli(argv, capsys)
         lines = err.strip().splitlines()

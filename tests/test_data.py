@@ -474,6 +474,13 @@ def test_cli_subprocess_prints_one_line_without_traceback(tmp_path):
     assert res.stderr.strip() == f"error: source '{tmp_path / 'nope.txt'}' does not exist"
 
 
+def test_an_out_below_a_file_is_one_clear_line(tmp_path):
+    (tmp_path / "c.txt").write_text("hello world\n")
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(UserError, match=f"cannot create the output folder .*'{tmp_path / 'afile'}' is a file"):
+        prepare(PrepareSettings(source=str(tmp_path / "c.txt"), tokenizer="char", out=str(tmp_path / "afile" / "x")))
+
+
 def test_a_folder_mixing_parquet_and_jsonl_is_one_corpus(tmp_path):
     # pandas writes parquet text as large_string, the json builder reads string: concatenating them failed
     src = tmp_path / "src"
