@@ -76,7 +76,7 @@ def read_prompt(start: str) -> str:
     """nanoGPT's --start: the text itself, or FILE:path for the contents of a file."""
     if not start.startswith("FILE:"):
         return start
-    path = start[len("FILE:"):]
+    path = os.path.expanduser(start[len("FILE:"):])  # the shell does not expand FILE:~/...
     if not os.path.isfile(path):
         what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
         raise UserError(f"prompt file '{path}' (from --start=FILE:{path}) {what}")

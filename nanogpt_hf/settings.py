@@ -102,7 +102,8 @@ def convert_value(name: str, tp: Any, raw: Any) -> Any:
                                 f"value (e.g. '{'' if raw is None else str(raw).lower()}') or remove the line")
             if isinstance(raw, (dict, list)):
                 raise ValueError
-            return str(raw)
+            # a home path: the shell expands ~ only at the start of a word, so --out_dir=~/runs arrives as typed
+            return os.path.expanduser(raw) if isinstance(raw, str) and raw.startswith("~/") else str(raw)
         if origin is list:
             (item,) = typing.get_args(tp)
             if isinstance(raw, str):

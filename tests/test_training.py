@@ -96,6 +96,17 @@ def test_int_for_float_setting_and_both_flag_styles():
     assert explicit == {"learning_rate": 1.0, "max_iters": 7, "compile": True}
 
 
+def test_a_home_path_after_the_equals_sign_is_expanded(monkeypatch, tmp_path):
+    # the shell leaves --out_dir=~/runs as typed: it made a folder named '~' in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s, _ = parse_command(TrainSettings, ["--out_dir=~/runs/a", "--dataset=~/data/x", "--wandb_run_name=~x"], "t", "")
+    assert (s.out_dir, s.dataset, s.wandb_run_name) == (str(tmp_path / "runs/a"), str(tmp_path / "data/x"), "~x")
+    from nanogpt_hf.sampling import read_prompt
+
+    (tmp_path / "p.txt").write_text("To be")
+    assert read_prompt("FILE:~/p.txt") == "To be"
+
+
 def test_help_lists_every_setting_with_the_default_it_will_use(capsys):
     # no recipe: the demo's values (default.yaml) are the defaults; with a recipe, that recipe's values
     owt = os.path.join(ROOT, "recipes", "openwebtext_gpt2.yaml")
