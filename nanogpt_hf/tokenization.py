@@ -200,5 +200,5 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # damaged files: json, tokenizers and transformers each raise their own kind
-        raise UserError(f"cannot load the tokenizer in '{path}': {first_line(exc)}; copy tokenizer.json and "
-                        "tokenizer_config.json from the dataset the model was trained on") from None
+        raise UserError(f"cannot load the tokenizer in '{path}': {first_line(exc)}; restore its tokenizer.json and "
+                        "tokenizer_config.json (a prepared dataset holds a copy)") from None
