@@ -59,8 +59,9 @@ class BenchSettings:
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step and process")
     bias: bool = setting(False, "biases in Linear and LayerNorm (nanoGPT's bench uses none)")
     dropout: float = setting(0.0, "dropout probability")
-    data: str = setting("", "a prepared dataset folder (prepare.py) for real batches; empty: fixed random tokens")
-    init_from: str = setting("", "generate mode: a checkpoint folder (or gpt2...) instead of a random model")
+    data: str = setting("", "a prepared dataset folder (prepare.py) for real batches; empty: fixed random tokens",
+                        path=True)
+    init_from: str = setting("", "generate mode: a checkpoint folder (or gpt2...) instead of a random model", path=True)
     dtype: str = setting("auto", "auto, bfloat16, float16 or float32 (auto: bf16 where supported, else fp32)")
     compile: bool | None = setting(None, "train/overhead: torch.compile the model (default: on for CUDA where Triton "
                                          "works, off on CPU)")

@@ -3,7 +3,8 @@
 Layout of a run's out_dir (out_dir is "the model", as in nanoGPT):
 
     out_dir/                    best (or latest, with always_save_checkpoint) model: from_pretrained(out_dir) works
-    out_dir/state/step-N/       accelerator.save_state + trainer_state.json; the newest `keep` are kept
+    out_dir/state/step-N/       accelerator.save_state + trainer_state.json, config.json and the tokenizer; the newest
+                                `keep` are kept
     out_dir/metrics.jsonl, loss.png, train_config.yaml
 
 Everything is first written under a temporary name, flushed to disk, then renamed: a state directory is visible
@@ -176,10 +177,11 @@ def prune_states(out_dir: str, keep: int) -> None:
 
 
 def tokenizer_folder(checkpoint: str) -> str:
-    """Where a checkpoint's tokenizer is: its own folder, or for a resumable state (out/state/step-N, which holds
-    none) its run folder."""
+    """Where a checkpoint's tokenizer is: its own folder, or for a resumable state saved without one (before states
+    held their tokenizer) its run folder's."""
     run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    if os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and os.path.isfile(os.path.join(run, "tokenizer.json")):
+    if (os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and not os.path.isfile(os.path.join(checkpoint,
+            "tokenizer.json")) and os.path.isfile(os.path.join(run, "tokenizer.json"))):
         return run
     return checkpoint
 

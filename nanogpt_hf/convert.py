@@ -51,9 +51,11 @@ def check_output_dir(out_dir: str, force: bool = False) -> None:
         if not os.path.isfile(os.path.join(out_dir, "config.json")):  # --force must not wipe an arbitrary folder
             raise UserError(f"output folder '{out_dir}' is not a checkpoint folder (no config.json); --force only "
                             "replaces checkpoints: choose another folder")
-        if os.path.isdir(os.path.join(out_dir, STATE_DIR)):  # a train.py out_dir: its states and logs would go too
-            raise UserError(f"output folder '{out_dir}' is a training run's out_dir (it holds {STATE_DIR}/ and its "
-                            "logs); --force only replaces exported checkpoints: choose another folder")
+        run_files = [n for n in (STATE_DIR, "metrics.jsonl", "train_config.yaml")
+                     if os.path.exists(os.path.join(out_dir, n))]
+        if run_files:  # a train.py out_dir: its states and logs would go too
+            raise UserError(f"output folder '{out_dir}' is a training run's out_dir (it holds {', '.join(run_files)}); "
+                            "--force only replaces exported checkpoints: choose another folder")
 
 
 @contextlib.contextmanager

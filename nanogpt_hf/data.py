@@ -72,12 +72,13 @@ MAP_BATCH = 1000  # documents per map batch (also the rows per Arrow record batc
 @dataclass
 class PrepareSettings:
     source: str = setting(
-        EMBEDDED, "'shakespeare' (the embedded corpus), a .txt/.jsonl/.json/.parquet file, folder or glob, or a Hub id"
+        EMBEDDED, "'shakespeare' (the embedded corpus), a .txt/.jsonl/.json/.parquet file, folder or glob, or a Hub id",
+        path=True,
     )
     tokenizer: Literal["gpt2", "char"] = setting(
         "gpt2", "gpt2 (tiktoken BPE, EOT 50256 after each document) or char (vocabulary = the corpus's characters)"
     )
-    out: str = setting("", "output folder; empty: data/<source name> (+ '_char' for the char tokenizer)")
+    out: str = setting("", "output folder; empty: data/<source name> (+ '_char' for the char tokenizer)", path=True)
     text_column: str = setting("text", "column holding the text (.jsonl/.json/.parquet and Hub datasets)")
     split: str = setting("train", "split of a Hub dataset to read (local files are one split)")
     subset: str = setting("", "configuration (subset) name of a Hub dataset, e.g. wikitext-103-raw-v1")

@@ -32,7 +32,8 @@ from .configuration_nanogpt import NanoGPTConfig
 GPT2_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT2Config options that change the function the model computes, at the values nanoGPT's architecture has.
 # reorder_and_upcast_attn is not one: it only computes eager attention scores in fp32 under autocast.
-GPT2_OPTIONS_OF_NANOGPT = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
+GPT2_OPTIONS_OF_NANOGPT = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                               add_cross_attention=False)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -238,8 +239,9 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         for block in self.h:
             # a cache passed in is read and extended even with use_cache=False (as GPT-2 does), which only keeps
-            # it out of the output: the mask above already spans its tokens
-            x = block(x, causal_mask, cache, position_ids=position_ids, **kwargs)
+            # it out of the output: the mask above already spans its tokens. By keyword: a checkpointed block's
+            # recomputation in backward must not extend it again (GradientCheckpointingLayer drops cache=)
+            x = block(x, causal_mask, cache=cache, position_ids=position_ids, **kwargs)
         x = self.ln_f(x)
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None)
 
@@ -315,15 +317,20 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             if not isinstance(inputs, torch.Tensor):
                 return
         prompt, block_size = inputs.shape[1], self.config.block_size
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == prompt:
-            prompt = int(mask.sum(-1).max())  # padding takes no positions: a padded batch fits as its longest prompt
-
         configs = [c for c in (config, self.generation_config) if c is not None]
 
         def setting(name):  # as generate resolves it: the call's keyword, its config, the model's config
             return kwargs.get(name, next((getattr(c, name) for c in configs if getattr(c, name, None) is not None),
                                          None))
+
+        mask = kwargs.get("attention_mask")
+        given = kwargs.get("past_key_values", kwargs.get("cache"))
+        dynamic = setting("cache_implementation") in (None, "dynamic") and (given is None or
+                                                                              isinstance(given, DynamicCache))
+        if dynamic and isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == prompt:
+            # padding takes no positions: a padded batch fits as its longest prompt. (A static cache is checked by
+            # its capacity, padding included, which forward reads without a device sync.)
+            prompt = int(mask.sum(-1).max())
 
         new = setting("max_new_tokens")
         if new is None:

@@ -43,9 +43,9 @@ MIN_TEMPERATURE = 1e-6
 
 @dataclasses.dataclass
 class SampleSettings:
-    out_dir: str = setting("out", "checkpoint folder used by --init_from=resume")
+    out_dir: str = setting("out", "checkpoint folder used by --init_from=resume", path=True)
     init_from: str = setting("resume", "resume (= out_dir), a checkpoint folder, a Hub id, or gpt2 / gpt2-medium / "
-                                       "gpt2-large / gpt2-xl")
+                                       "gpt2-large / gpt2-xl", path=True)
     start: str = setting("\n", "the prompt; FILE:path reads it from a file")
     num_samples: int = setting(10, "number of samples to draw")
     max_new_tokens: int = setting(500, "tokens generated per sample")

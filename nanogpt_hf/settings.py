@@ -21,11 +21,12 @@ import yaml
 from .errors import UserError
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the help text shown by --help."""
+def setting(default: Any, help: str, path: bool = False) -> Any:
+    """A dataclass field with a default and the help text shown by --help. path: a file or folder, where a leading
+    ~/ means the home folder (the shell expands ~ only at the start of a word: --out_dir=~/runs arrives as typed)."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help, "path": path})
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -102,8 +103,7 @@ def convert_value(name: str, tp: Any, raw: Any) -> Any:
                                 f"value (e.g. '{'' if raw is None else str(raw).lower()}') or remove the line")
             if isinstance(raw, (dict, list)):
                 raise ValueError
-            # a home path: the shell expands ~ only at the start of a word, so --out_dir=~/runs arrives as typed
-            return os.path.expanduser(raw) if isinstance(raw, str) and raw.startswith("~/") else str(raw)
+            return str(raw)
         if origin is list:
             (item,) = typing.get_args(tp)
             if isinstance(raw, str):
@@ -132,6 +132,7 @@ def unknown_setting(name: str, known: typing.Iterable[str]) -> UserError:
 def apply(obj: Any, values: dict[str, Any], source: str = "") -> Any:
     """Return a copy of dataclass `obj` with `values` converted and applied; unknown names raise UserError."""
     types_ = field_types(type(obj))
+    paths = {f.name for f in dataclasses.fields(obj) if f.metadata.get("path")}
     changes = {}
     for name, raw in values.items():
         key = name.replace("-", "_")
@@ -139,6 +140,8 @@ def apply(obj: Any, values: dict[str, Any], source: str = "") -> Any:
             err = unknown_setting(key, types_)
             raise UserError(f"{source}: {err}" if source else str(err))
         changes[key] = convert_value(key, types_[key], raw)
+        if key in paths and isinstance(changes[key], str) and changes[key].startswith("~/"):
+            changes[key] = os.path.expanduser(changes[key])
     return dataclasses.replace(obj, **changes)
 
 
@@ -276,14 +279,14 @@ class TrainSettings:
 
     # I/O
     out_dir: str = setting("out", "the run folder: the best (or latest) model as a save_pretrained folder, resumable "
-                                  "states in state/, metrics.jsonl, loss.png, train_config.yaml")
+                                  "states in state/, metrics.jsonl, loss.png, train_config.yaml", path=True)
     eval_interval: int = setting(2000, "evaluate train/val loss (and save) every this many steps")
     log_interval: int = setting(1, "print a log line every this many steps")
     eval_iters: int = setting(200, "batches per split for each evaluation (spread over all processes)")
     eval_only: bool = setting(False, "evaluate once and exit (works with every init_from)")
     always_save_checkpoint: bool = setting(True, "save the model at every evaluation, not only when val loss improves")
     init_from: str = setting("scratch", "scratch | resume (continue out_dir) | gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-                                        "| any GPT-2 or nanogpt_hf checkpoint folder or Hub id (finetuning)")
+                                        "| any GPT-2 or nanogpt_hf checkpoint folder or Hub id (finetuning)", path=True)
     # trackers
     wandb_log: bool = setting(False, "log to Weights & Biases (same as --log_with=wandb)")
     wandb_project: str = setting("owt", "wandb project")
@@ -291,8 +294,9 @@ class TrainSettings:
     log_with: str = setting("", "trackers through accelerate: wandb, tensorboard (comma-separated); empty = none")
     # data
     dataset: str = setting("openwebtext", "a folder made by prepare.py, or a name under data_dir; the embedded "
-                                          "corpora shakespeare_char and shakespeare are prepared on first use")
-    data_dir: str = setting("data", "where dataset names are looked up (and the embedded corpora prepared)")
+                                          "corpora shakespeare_char and shakespeare are prepared on first use",
+                            path=True)
+    data_dir: str = setting("data", "where dataset names are looked up (and the embedded corpora prepared)", path=True)
     gradient_accumulation_steps: int = setting(40, "micro-batches per optimizer step over ALL processes (nanoGPT's "
                                                    "meaning: each of N processes runs this/N); tokens per step = "
                                                    "batch_size x gradient_accumulation_steps x block_size")

@@ -177,7 +177,7 @@ def check_same_tokenizer(init_from: str, data, name: str | None = None) -> None:
         theirs = AutoTokenizer.from_pretrained(tokenizer_folder(init_from))
         kind = tokenizer_kind(theirs)  # a folder without tokenizer files loads as an empty tokenizer: refused here
         chars = theirs.get_vocab() if kind == "char" else None
-    except (OSError, ValueError, UserError):  # no usable tokenizer saved: a GPT-2 checkpoint is taken as GPT-2 BPE
+    except Exception:  # no usable tokenizer saved (or a damaged one): a GPT-2 checkpoint is taken as GPT-2 BPE
         if AutoConfig.from_pretrained(init_from).model_type != "gpt2":
             return
         kind, chars = "gpt2", None
@@ -428,8 +428,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         config = (NanoGPTConfig.from_pretrained(state_dir, dropout=s.dropout) if state_dir  # dropout may change
                   else scratch_config(s, data.vocab_size, data.tokenizer_kind))
         model = NanoGPTForCausalLM(config)
-        if state_dir and os.path.isfile(os.path.join(s.out_dir, "tokenizer.json")):  # a dataset prepared again since
-            check_same_tokenizer(s.out_dir, data, name=f"the run in {s.out_dir}")
+        if state_dir and os.path.isfile(os.path.join(state_dir, "tokenizer.json")):  # the dataset prepared again?
+            # the state's own tokenizer: out_dir's may still be an earlier run's, until this run saves its model
+            check_same_tokenizer(state_dir, data, name=f"the run in {s.out_dir}")
     else:
         model = load_init_model(s)
         check_same_tokenizer(s.init_from, data)
@@ -566,13 +567,17 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 
         save_model_folder(write, s.out_dir)
 
+    def write_state_files(tmp):  # a state is also a checkpoint that sample.py and finetuning can load
+        raw_model.config.to_json_file(os.path.join(tmp, "config.json"))
+        tokenizer.save_pretrained(tmp)
+
     def save_resumable(evaluated: bool):
         save_state(accelerator, s.out_dir, iter_num, {
             "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "evaluated": evaluated,
             "settings": dataclasses.asdict(record), "recipes": saved_recipes, "world_size": world,
             "device_type": device_type},
             keep=s.keep_states,
-            write=lambda tmp: raw_model.config.to_json_file(os.path.join(tmp, "config.json")))
+            write=write_state_files)
 
     def stop_and_save(stop: StopRequest, loss) -> int:
         """After a stop request: save a resumable state at iter_num, say how to resume; the exit code."""

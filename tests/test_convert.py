@@ -216,6 +216,9 @@ def _bad_inputs(root):
     (root / "run" / "state" / "step-4").mkdir(parents=True)  # a train.py out_dir: --force would wipe states and logs
     (root / "run" / "config.json").write_text("{}")
     (root / "run" / "metrics.jsonl").write_text("{}\n")
+    (root / "logs").mkdir()  # the same after its states were deleted
+    (root / "logs" / "config.json").write_text("{}")
+    (root / "logs" / "train_config.yaml").write_text("max_iters: 4\n")
     NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)).save_pretrained(
         root / "ours")  # a valid checkpoint to export
     return {
@@ -236,6 +239,7 @@ def _bad_inputs(root):
         "--force on a folder that is no checkpoint": ["convert-nanogpt", good, root / "full", "--force"],
         "--force on the folder holding the input": ["convert-nanogpt", good, good.parent, "--force"],
         "--force on a training run's out_dir": ["export-gpt2", root / "ours", root / "run", "--force"],
+        "--force on a run's out_dir without states": ["export-gpt2", root / "ours", root / "logs", "--force"],
         "export missing": ["export-gpt2", root / "nope", root / "out"],
         "export not ours": ["export-gpt2", root / "full", root / "out"],
         "import offline hub id": ["import-gpt2", "gpt2", root / "out"],

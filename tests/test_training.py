@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,7 +102,10 @@ def test_a_home_path_after_the_equals_sign_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     s, _ = parse_command(TrainSettings, ["--out_dir=~/runs/a", "--dataset=~/data/x", "--wandb_run_name=~x"], "t", "")
     assert (s.out_dir, s.dataset, s.wandb_run_name) == (str(tmp_path / "runs/a"), str(tmp_path / "data/x"), "~x")
-    from nanogpt_hf.sampling import read_prompt
+    from nanogpt_hf.sampling import SampleSettings, read_prompt
+
+    s, _ = parse_command(SampleSettings, ["--start=~/ is home", "--init_from=~/ck"], "t", "")
+    assert (s.start, s.init_from) == ("~/ is home", str(tmp_path / "ck"))  # a prompt is text, not a path
 
     (tmp_path / "p.txt").write_text("To be")
     assert read_prompt("FILE:~/p.txt") == "To be"
@@ -544,6 +548,21 @@ def test_sample_py_samples_from_a_resumable_state(char_data, tmp_path, capsys):
     assert sample_main([f"--init_from={tmp_path / 'state'}", "--max_new_tokens=3"]) == 2
     assert f"--init_from={tmp_path / 'state' / 'step-3'}" in capsys.readouterr().err
     assert sample_main([f"--init_from={tmp_path / 'state' / 'step-3'}", "--max_new_tokens=3", "--num_samples=1"]) == 0
+
+
+def test_resume_checks_the_states_tokenizer_not_an_earlier_runs_model_folder(char_data, tmp_path):
+    # a new run over a finished one keeps the old model folder (and its tokenizer) until it saves its own model: a
+    # resume of the new run's states was refused against the old run's characters
+    (tmp_path / "other.txt").write_text("qrstuvwxyz \n" * 600)
+    other = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="char", out=str(tmp_path / "o")))
+    assert train(tiny(char_data, tmp_path / "a", max_iters=3, eval_interval=3)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert train(tiny(other, tmp_path / "b", max_iters=3, eval_interval=3)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    shutil.rmtree(tmp_path / "a" / "state")
+    shutil.copytree(tmp_path / "b" / "state", tmp_path / "a" / "state")  # b's states beside a's model folder
+    assert train(tiny(other, tmp_path / "a", max_iters=5, init_from="resume"),
+                 explicit={"max_iters": 5, "init_from": "resume"}) == 0
 
 
 def test_a_corpus_without_newlines_still_ends_with_a_sample(tmp_path, capsys):
