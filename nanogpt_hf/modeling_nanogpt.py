@@ -316,7 +316,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             inputs = kwargs.get("inputs_embeds")
             if not isinstance(inputs, torch.Tensor):
                 return
-        prompt, block_size = inputs.shape[1], self.config.block_size
+        width, block_size = inputs.shape[1], self.config.block_size  # width: the prompt with its padding
+        prompt = width
         configs = [c for c in (config, self.generation_config) if c is not None]
 
         def setting(name):  # as generate resolves it: the call's keyword, its config, the model's config
@@ -327,7 +328,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         given = kwargs.get("past_key_values", kwargs.get("cache"))
         dynamic = setting("cache_implementation") in (None, "dynamic") and (given is None or
                                                                               isinstance(given, DynamicCache))
-        if dynamic and isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == prompt:
+        if dynamic and isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == width:
             # padding takes no positions: a padded batch fits as its longest prompt. (A static cache is checked by
             # its capacity, padding included, which forward reads without a device sync.)
             prompt = int(mask.sum(-1).max())
@@ -335,7 +336,7 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         new = setting("max_new_tokens")
         if new is None:
             max_length = setting("max_length")
-            new = None if max_length is None else max_length - prompt
+            new = None if max_length is None else max_length - width  # max_length counts the padding
         if new is None or prompt + new - 1 <= block_size:  # the last new token is never fed back
             return
         fix = (f"ask for at most {block_size + 1 - prompt} new tokens" if prompt <= block_size

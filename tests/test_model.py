@@ -393,6 +393,8 @@ def test_padding_does_not_count_against_block_size():
         model.generate(padded, attention_mask=mask, max_new_tokens=13, do_sample=False, pad_token_id=0)
     logits = model(padded, attention_mask=mask).logits[:, 12:]
     assert (logits - model(prompt).logits).abs().max().item() < 1e-5
+    out = model.generate(padded, attention_mask=mask, max_length=27, do_sample=False, pad_token_id=0)  # 10 new
+    assert torch.equal(out[:, 12:], alone)
     # a static cache is checked by its capacity, padding included (no device sync): refused before decoding
     with pytest.raises(ValueError, match="10 new tokens after a 17-token prompt"):
         model.generate(padded, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
