@@ -24,8 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanogpt_hf.data import (EMBEDDED_PATH, PrepareSettings, TokenStream, ids_features, list_offsets, prepare,  # noqa: E402
-                             sample_batch)
+from nanogpt_hf.data import EMBEDDED_PATH, PrepareSettings, TokenStream, ids_features, prepare, sample_batch  # noqa: E402
 from nanogpt_hf.tokenization import gpt2_encoding  # noqa: E402
 
 
@@ -123,7 +122,7 @@ def write_big_split(path: str, tokens: int, row_tokens: int = 1 << 20) -> None:
         with pa.ipc.new_stream(sink, features.arrow_schema) as writer:
             for _ in range(rows):
                 values = pa.array(rng.integers(0, 50257, row_tokens, dtype=np.uint16))
-                ids = pa.LargeListArray.from_arrays(list_offsets([row_tokens]), values)
+                ids = pa.LargeListArray.from_arrays(np.array([0, row_tokens], dtype=np.int64), values)
                 writer.write_batch(pa.record_batch([ids], schema=features.arrow_schema))
     meta = {"format": "nanogpt_hf.prepared", "version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16",
             "splits": {"train": {"documents": rows, "tokens": rows * row_tokens}, "val": {"documents": 1, "tokens": 3}},

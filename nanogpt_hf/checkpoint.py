@@ -1,161 +1,97 @@
-"""Crash-safe checkpoints: the model folder (save_pretrained) and resumable accelerator states.
+"""Checkpoints: the one loader, and a run's out_dir, saved so that a kill at any instant loses nothing.
 
-Layout of a run's out_dir (out_dir is "the model", as in nanoGPT):
-
-    out_dir/                    best (or latest, with always_save_checkpoint) model: from_pretrained(out_dir) works
-    out_dir/state/step-N/       accelerator.save_state + trainer_state.json, config.json and the tokenizer; the newest
-                                `keep` are kept
+    out_dir/                  the best (or latest) model: a save_pretrained folder, from_pretrained(out_dir) works
+    out_dir/state/step-N/     accelerator.save_state (weights, optimizer, RNG of every process) + trainer_state.json,
+                              config.json and the tokenizer (so a state is also a checkpoint); the newest `keep` kept
     out_dir/metrics.jsonl, loss.png, train_config.yaml
 
-Everything is first written under a temporary name, flushed to disk, then renamed: a state directory is visible
-only once complete (trainer_state.json is written last, inside the temporary directory), and the model files are
-replaced one by one with os.replace, weights last. Within a run only the weights and the model card change between
-saves (config and tokenizer are the same), so a kill at any instant leaves a loadable model and a resumable state.
-A state directory is never deleted in place (a half-deleted one could still look complete): it is first renamed to a
-hidden .trash-* name, then removed. Leftovers of a killed run (.tmp-*, .trash-*) are removed by the next save.
-
-A save that fails (disk full, no permission, read-only file system) raises UserError with one line; the previous
-model files and states are left as they were.
+Every save goes through common.atomic_output: a state folder appears complete or not at all, and the model files
+are moved into out_dir one by one, weights last.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
+import difflib
 import json
 import os
 import re
-import shutil
-import uuid
 
-from .errors import UserError, first_line
+import torch
+from accelerate.utils import broadcast_object_list
+
+from .common import GPT2_NAMES, UserError, atomic_output, first_line, is_hub_id, remove
 
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(path)
+def check_checkpoint(ref: str) -> None:
+    """Refuse, naming the fix, a reference that can be neither a local checkpoint folder nor a Hub model."""
+    if not os.path.exists(ref) and not is_hub_id(ref):
+        raise UserError(f"checkpoint folder '{ref}' does not exist")
+    guess = difflib.get_close_matches(ref, GPT2_NAMES + ("scratch", "resume"), n=1, cutoff=0.7)
+    if not os.path.exists(ref) and guess and guess[0] != ref:  # a typo of a name we know beats the Hub's 404
+        raise UserError(f"'{ref}' is not a folder or a known model (did you mean '{guess[0]}'?)")
+    if os.path.isdir(ref) and not os.path.isfile(os.path.join(ref, "config.json")):
+        inside = sorted(os.path.join(ref, d) for d in os.listdir(ref)
+                        if os.path.isfile(os.path.join(ref, d, "config.json")))  # e.g. out/ of several runs
+        fix = f"choose one inside it: {' or '.join(inside)}" if inside else "train one first, or name another folder"
+        raise UserError(f"'{ref}' is not a checkpoint folder (no config.json); {fix}")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def load_pretrained(ref: str, dtype=torch.float32, **kwargs):
+    """(model, tokenizer or None) from a checkpoint folder (ours, a stock GPT-2's, a resumable state), a Hub id or a
+    GPT-2 name. GPT-2 checkpoints are converted to NanoGPTForCausalLM (same logits). kwargs go to from_pretrained."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    from .gpt2 import from_gpt2
+    from .modeling_nanogpt import NanoGPTForCausalLM
+    from .tokenization import GPT2_VOCAB_SIZE, gpt2_tokenizer
+
+    check_checkpoint(ref)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        model_type = PretrainedConfig.get_config_dict(ref)[0].get("model_type")
+        if model_type == "gpt2":
+            model = from_gpt2(ref, **kwargs)
+        elif model_type == "nanogpt":
+            model = NanoGPTForCausalLM.from_pretrained(ref, dtype=dtype, **kwargs)
+    except Exception as exc:  # the library's own error, with which checkpoint it was loading
+        exc.add_note(f"(loading '{ref}')")
+        raise
+    if model_type not in ("gpt2", "nanogpt"):
+        raise UserError(f"'{ref}' holds a {model_type!r} model; GPT-2 and nanogpt_hf checkpoints are supported")
+    tokenizer = None
+    if ref in GPT2_NAMES and not os.path.isdir(ref):  # OpenAI's BPE ships with us, verified offline
+        tokenizer = gpt2_tokenizer()
+    elif not os.path.isdir(ref) or os.path.isfile(os.path.join(ref, "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    elif model_type == "gpt2" and model.config.vocab_size >= GPT2_VOCAB_SIZE:
+        tokenizer = gpt2_tokenizer(model_max_length=model.config.block_size)
+    return model, tokenizer
 
 
-# Disk full and friends do not always arrive as OSError: safetensors raises SafetensorError("... I/O error: No space
-# left on device (os error 28)"), torch.save a RuntimeError("[enforce fail at inline_container.cc] unexpected pos").
-_IO_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
-               "File too large")
-_IO_MARKERS = _IO_REASONS + ("I/O error", "os error", "file write failed", "unexpected pos")
-
-
-def io_failure(exc: BaseException, path: str | None = None) -> str | None:
-    """A short reason when exc is a failed write (disk full, permissions...), else None (a bug: keep the traceback)."""
-    if isinstance(exc, OSError):
-        return exc.strerror or first_line(exc)
-    text = str(exc)
-    if not any(marker in text for marker in _IO_MARKERS):
-        return None
-    for reason in _IO_REASONS:
-        if reason in text:
-            return reason
-    try:  # torch's zip writer does not say why a write failed: look at the disk
-        if path is not None and shutil.disk_usage(_existing_parent(path)).free < (1 << 20):
-            return os.strerror(errno.ENOSPC)
-    except OSError:
-        pass
-    return "a write failed (is the disk full?)"
-
-
-def _existing_parent(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
-def save_failed(what: str, path: str, reason: str) -> UserError:
-    return UserError(f"could not save the {what} to {path}: {reason}; the previous checkpoint is intact "
-                     f"(free some space or fix the permissions, then resume with --init_from=resume)")
-
-
-def _discard(path: str) -> None:
-    """Remove a directory so that no half-deleted copy stays visible under its name: rename, then delete."""
-    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
+def read_trainer_state(path: str) -> dict:
     try:
-        os.rename(path, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise damaged(path, exc) from None
 
 
-def _is_leftover(name: str) -> bool:
-    """Temporaries of a killed run in out_dir: ours (.tmp-model-PID), the metrics and plot writers' (NAME.tmp-PID*)
-    and the out_dir write probe (.write-test-PID)."""
-    return name.startswith((".tmp-model-", ".write-test-")) or ".tmp-" in name
-
-
-def _remove_leftovers(folder: str, match) -> None:
-    """Temporary and trash entries left by a run killed mid-save (one run writes an out_dir at a time)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(folder, name)
-        if match(name):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
-
-
-def save_model_folder(write, out_dir: str) -> None:
-    """Call write(tmp_dir) to produce a save_pretrained folder, then move its files into out_dir atomically."""
-    tmp = os.path.join(out_dir, f".tmp-model-{os.getpid()}")
-    try:
-        _remove_leftovers(out_dir, _is_leftover)
-        os.makedirs(tmp)
-        write(tmp)
-        _fsync_tree(tmp)
-        names = sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors"))  # weights last
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        _fsync_dir(out_dir)
-    except Exception as exc:
-        reason = io_failure(exc, out_dir)
-        if reason is None:
-            raise
-        raise save_failed("model", out_dir, reason) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def damaged(path: str, exc: Exception) -> UserError:
+    """A resumable state that cannot be read, named with the state to fall back on."""
+    older = [p for _, p in state_dirs(os.path.dirname(os.path.dirname(path))) if p != path]
+    fix = f"delete it to resume from {older[-1]}" if older else "no older state is left to resume from"
+    return UserError(f"the state {path} is damaged ({first_line(exc)}); {fix}")
 
 
 def state_dirs(out_dir: str) -> list[tuple[int, str]]:
     """Complete resumable states in out_dir, oldest first, as (step, path)."""
     root = os.path.join(out_dir, STATE_DIR)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _STEP.match(name)
-        if m and os.path.isfile(os.path.join(root, name, TRAINER_STATE)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted((int(m.group(1)), os.path.join(root, n)) for n in names if (m := _STEP.match(n)))
 
 
 def latest_state(out_dir: str) -> str | None:
@@ -163,113 +99,86 @@ def latest_state(out_dir: str) -> str | None:
     return states[-1][1] if states else None
 
 
-def discard_states(out_dir: str) -> None:
-    """Remove every resumable state in out_dir (a new run starts there: the old states are not its own)."""
-    for _, path in state_dirs(out_dir):
-        _discard(path)
-
-
-def prune_states(out_dir: str, keep: int) -> None:
-    """Keep the newest `keep` states (all with 0). Also run on resume: a run killed between writing a state and
-    pruning the old ones left one too many."""
-    for _, old in state_dirs(out_dir)[:-keep] if keep > 0 else []:
-        _discard(old)
-
-
-def tokenizer_folder(checkpoint: str) -> str:
-    """Where a checkpoint's tokenizer is: its own folder, or for a resumable state saved without one (before states
-    held their tokenizer) its run folder's."""
-    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    if (os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and not os.path.isfile(os.path.join(checkpoint,
-            "tokenizer.json")) and os.path.isfile(os.path.join(run, "tokenizer.json"))):
-        return run
-    return checkpoint
-
-
-def read_trainer_state(path: str) -> dict:
-    with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def save_state(accelerator, out_dir: str, step: int, trainer_state: dict, keep: int, write=None) -> str:
-    """accelerator.save_state (model, optimizer, RNG of every rank, scaler) into out_dir/state/step-N, atomically.
-
-    Called on every process; write(tmp_dir), if given, adds files on the main process (e.g. config.json) before the
-    directory becomes visible. Returns the final path. A failure on any process (disk full, no permission) raises
-    UserError on every process, after removing the incomplete temporary directory; older states are untouched.
-    """
-    root = os.path.join(out_dir, STATE_DIR)
-    final = os.path.join(root, f"step-{step}")
-    tmp = os.path.join(root, f".tmp-step-{step}")
-    failure = None  # (reason, exception) of this process
-    if accelerator.is_main_process:
-        try:
-            os.makedirs(root, exist_ok=True)
-            _remove_leftovers(root, lambda name: name.startswith((".tmp-step-", ".trash-")))  # killed mid-save
-        except OSError as exc:
-            failure = (io_failure(exc), exc)
-    accelerator.wait_for_everyone()
-    if _any_failed(accelerator, failure) is None:
-        try:
-            accelerator.save_state(tmp)
-        except Exception as exc:
-            failure = (io_failure(exc, tmp), exc)
-    failed = _any_failed(accelerator, failure)
-    if failed is None and accelerator.is_main_process:
-        try:
-            if write is not None:
-                write(tmp)
-            with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as fh:
-                json.dump(trainer_state, fh, indent=1)
-            _fsync_tree(tmp)
-            if os.path.exists(final):  # the same step saved twice (e.g. stopped right after an evaluation)
-                _discard(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            prune_states(out_dir, keep)
-        except Exception as exc:
-            failure = (io_failure(exc, tmp), exc)
-    if failed is None:
-        failed = _any_failed(accelerator, failure)
-    if failed is not None:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        if failure is not None and failure[0] is None:
-            raise failure[1]  # not an I/O failure: our bug, keep the traceback
-        raise save_failed("training state", final, failed) from None
-    return final
-
-
-def load_state(accelerator, state_dir: str) -> None:
-    """accelerator.load_state: weights, optimizer, RNG of every process, loss scale. A state saved without loss
-    scaling (bf16 or fp32) and resumed in fp16 (dtype auto on a GPU without bf16, or --dtype=float16) has no
-    scaler.pt, which accelerate would fail to open: the loss scale then starts afresh, as in a new fp16 run."""
-    from accelerate.utils import SCALER_NAME
-
-    scaler = accelerator.scaler
-    if scaler is None or os.path.exists(os.path.join(state_dir, SCALER_NAME)):
-        accelerator.load_state(state_dir)
-        return
-    accelerator.scaler = None
+@contextlib.contextmanager
+def saving(what: str, path: str):
+    """A save that fails (disk full, no permission: whichever library notices) is one line; atomic_output has left
+    the previous checkpoint as it was."""
     try:
-        accelerator.load_state(state_dir)
-    finally:
-        accelerator.scaler = scaler
+        yield
+    except Exception as exc:
+        raise UserError(f"could not save the {what} to {path} ({type(exc).__name__}: {first_line(exc)}); the "
+                        "previous checkpoint is intact: free some disk space or fix the permissions, then resume "
+                        "with --init_from=resume") from None
 
 
-def _any_failed(accelerator, failure) -> str | None:
-    """Agree across processes whether any failed (every process must take the same path, or the next collective
-    hangs). Returns this process' reason, another process' failure as a generic reason, or None."""
-    failed = failure is not None
-    if accelerator.num_processes > 1:
-        import torch
+class Checkpointer:
+    """Owns a run's out_dir: saves the model folder and resumable states, finds and loads the latest state."""
 
-        flag = torch.tensor(1.0 if failed else 0.0, device=accelerator.device)
-        failed = bool(accelerator.reduce(flag, reduction="sum").item())
-    if not failed:
-        return None
-    if failure is not None:
-        reason, exc = failure
-        return reason or f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-    return "another process failed to write its part"
+    def __init__(self, accelerator, out_dir: str, keep: int):
+        self.accelerator, self.out_dir, self.keep = accelerator, out_dir, keep
+        self.main = accelerator.is_main_process
+
+    def latest(self) -> str | None:
+        return latest_state(self.out_dir)
+
+    def save_model(self, model, tokenizer, card: dict) -> None:
+        """The model folder (save_pretrained + tokenizer + loss.png + model card). Called on every process: under
+        FSDP, gathering the full weights is a collective."""
+        from .hub import write_model_card
+        from .modeling_nanogpt import NanoGPTForCausalLM
+
+        full = self.accelerator.get_state_dict(model)  # gathered under FSDP; the plain state dict otherwise
+        raw = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        if not self.main:
+            return
+        for tied in NanoGPTForCausalLM._tied_weights_keys:  # gathered tensors no longer share storage
+            full.pop(tied, None)
+        if type(raw) is not NanoGPTForCausalLM:  # FSDP2's fully_shard swapped its class: save as ours
+            with torch.device("meta"):
+                raw = NanoGPTForCausalLM(raw.config)
+        with saving("model", self.out_dir), atomic_output(self.out_dir, merge=True) as tmp:
+            raw.save_pretrained(tmp, state_dict=full)
+            tokenizer.save_pretrained(tmp)
+            plot = os.path.join(self.out_dir, "loss.png")
+            if os.path.isfile(plot):
+                with open(plot, "rb") as src, open(os.path.join(tmp, "loss.png"), "wb") as dst:
+                    dst.write(src.read())  # the card shows it
+            write_model_card(tmp, card)
+        print(f"saved the model to {self.out_dir}")
+
+    def save_state(self, trainer_state: dict, config, tokenizer) -> str:
+        """accelerator.save_state into out_dir/state/step-N, atomically; every process writes its part."""
+        final = os.path.join(self.out_dir, STATE_DIR, f"step-{trainer_state['step']}")
+        with saving("training state", final), atomic_output(final) if self.main else contextlib.nullcontext() as tmp:
+            tmp = broadcast_object_list([tmp])[0] if self.accelerator.num_processes > 1 else tmp
+            self.accelerator.save_state(tmp)
+            if self.main:
+                config.to_json_file(os.path.join(tmp, "config.json"))
+                tokenizer.save_pretrained(tmp)
+                with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as fh:
+                    json.dump(trainer_state, fh, indent=1)
+            self.accelerator.wait_for_everyone()
+        if self.main:
+            self.prune()
+        return final
+
+    def prune(self) -> None:
+        """Keep the newest `keep` states (all with 0); anything else in state/ is a leftover of a killed save."""
+        root = os.path.join(self.out_dir, STATE_DIR)
+        states = [path for _, path in state_dirs(self.out_dir)]
+        for path in states[:-self.keep] if self.keep > 0 else []:
+            remove(path)
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            if name.startswith("."):
+                remove(os.path.join(root, name))
+
+    def discard_states(self) -> None:
+        for _, path in state_dirs(self.out_dir):
+            remove(path)
+
+    def load_state(self, path: str) -> None:
+        """Weights, optimizer and RNG of every process; a damaged state is refused in one line naming it."""
+        try:
+            self.accelerator.load_state(path)
+        except Exception as exc:  # a truncated or corrupt file, whichever library reads it
+            raise damaged(path, exc) from None

@@ -1,11 +1,28 @@
-"""Console scripts. Each one parses its settings, runs, and turns a UserError into one line on stderr and exit 2."""
+"""Console scripts, and the one place where mistakes become one line: `error: ...` on stderr, exit status 2.
+
+Our own checks raise UserError. Ordinary mistakes that the libraries find first (a missing or unreadable file, bad
+JSON or YAML, a damaged safetensors file, a Hub or datasets error, an impossible config value) arrive here as the
+library's exception and are printed the same way, with the library's first line (it names the file and the
+reason). Set NANOGPT_DEBUG=1 to see their tracebacks. Anything else is our bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
-from .errors import UserError
+from .common import UserError
+
+
+def library_errors() -> tuple[type[BaseException], ...]:
+    import yaml
+    from datasets.exceptions import DatasetsError
+    from safetensors import SafetensorError
+
+    # OSError covers missing files, permissions, a full disk and every huggingface_hub error; ValueError covers bad
+    # JSON and the values transformers refuses
+    return OSError, ValueError, yaml.YAMLError, SafetensorError, DatasetsError
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
@@ -17,6 +34,13 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("NANOGPT_DEBUG") or not isinstance(exc, library_errors()):
+            raise
+        text = " ".join([str(exc) or type(exc).__name__, *getattr(exc, "__notes__", [])][:2]).split()
+        text = " ".join(text)  # a library message on one line, with its location (a YAML line, the file loaded)
+        print(f"error: {text[:400]} ({type(exc).__name__})", file=sys.stderr)
+        return 2
 
 
 def train_main(argv: list[str] | None = None) -> int:

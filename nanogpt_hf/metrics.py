@@ -2,88 +2,56 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import os
 
+from .common import atomic_output
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.endswith("\n")]  # a line cut short by a kill is skipped
+
 
 class MetricsLog:
-    """Appends events to out_dir/metrics.jsonl. On resume from step N, events after N (from the run that was
-    interrupted) are dropped first, so the file reads as one uninterrupted run."""
+    """Appends events to metrics.jsonl. A run resumed from step N first drops the events after N (from the run that
+    was interrupted), so the file reads as one uninterrupted run."""
 
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
-        if resume_step is None:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            kept = [e for e in read_metrics(path) if e.get("iter", 0) <= resume_step]
-            _write_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
+        kept = [e for e in read_metrics(path) if e["iter"] <= resume_step] if resume_step and os.path.exists(path) else []
+        with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(e) + "\n" for e in kept)
 
     def write(self, event: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
 
 
-def read_metrics(path: str) -> list[dict]:
-    events = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                pass
-    return events
-
-
-def _replace_atomic(path: str, write, suffix: str = "") -> None:
-    """write(tmp) then rename over path; a failed write (disk full) leaves neither a partial file nor a stray tmp."""
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _write_atomic(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _replace_atomic(path, write)
-
-
 def plot_losses(metrics_path: str, png_path: str) -> None:
-    """Train (per logged step) and train/val (per evaluation) losses against the step, written atomically."""
+    """Train (per logged step) and train/val (per evaluation) losses against the step."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display; safe in any process
+    matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     events = read_metrics(metrics_path)
-    train = [(e["iter"], e["loss"]) for e in events if e.get("type") == "train"]
-    evals = [e for e in events if e.get("type") == "eval"]
+    evals = [e for e in events if e["type"] == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), color="tab:blue", alpha=0.35, lw=1, label="train (step)")
-    if evals:
-        ax.plot([e["iter"] for e in evals], [e["train_loss"] for e in evals], "o-", color="tab:blue", ms=3,
-                label="train (eval)")
-        ax.plot([e["iter"] for e in evals], [e["val_loss"] for e in evals], "o-", color="tab:orange", ms=3,
-                label="val (eval)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.plot([e["iter"] for e in events if e["type"] == "train"], [e["loss"] for e in events if e["type"] == "train"],
+            color="tab:blue", alpha=0.35, lw=1, label="train (step)")
+    for key, color in (("train_loss", "tab:blue"), ("val_loss", "tab:orange")):
+        ax.plot([e["iter"] for e in evals], [e[key] for e in evals], "o-", color=color, ms=3,
+                label=f"{key.split('_')[0]} (eval)")
+    ax.set(xlabel="step", ylabel="loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        _replace_atomic(png_path, fig.savefig, suffix=".png")  # the suffix tells matplotlib the format
-    finally:
-        plt.close(fig)
+    with atomic_output(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 @functools.cache
@@ -95,6 +63,6 @@ def perplexity_metric():
 
 
 def perplexity(losses: list[float], num_tokens: list[int]) -> float:
-    if not all(math.isfinite(l) for l in losses):
+    if not all(math.isfinite(loss) for loss in losses):
         return math.nan
     return perplexity_metric().compute(losses=losses, num_tokens=num_tokens)["perplexity"]

@@ -1,43 +1,45 @@
-"""The accelerate training loop: set up -> step -> evaluate -> save.
-
-nanoGPT's train.py, with accelerate doing the engineering (devices, DDP, mixed precision, state saving) and
-without nanoGPT's known defects: exactly max_iters steps, a final save, best_val_loss that only improves,
-eval_only on resume, exact resume (batches are a function of (seed, step, index); RNG and optimizer are saved).
+"""The accelerate training loop: set up -> evaluate -> step -> log -> save. nanoGPT's train.py, with accelerate doing
+the engineering (devices, DDP/FSDP, mixed precision, state saving) and without nanoGPT's known defects: exactly
+max_iters steps, a final save, best_val_loss that only improves, eval_only on resume, and exact resume (the batches
+are a function of (seed, step, row); the optimizer and every RNG are saved).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import errno
 import importlib.util
+import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-from typing import Iterable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
-from .checkpoint import (STATE_DIR, discard_states, latest_state, load_state, prune_states, read_trainer_state,
-                         save_model_folder, save_state, state_dirs, tokenizer_folder)
+from .checkpoint import Checkpointer, check_checkpoint, latest_state, load_pretrained, read_trainer_state, state_dirs
+from .common import UserError, first_line
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
-from .errors import UserError, first_line
-from .hardware import (compile_by_default, keep_freed_memory, peak_flops, resolve_device_type,
+from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak_flops, resolve_device_type,
                        resolve_mixed_precision, training_attention)
-from .hub import HubPusher, check_repo_id, write_model_card
+from .hub import HubPusher, check_repo_id
 from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .settings import TrainSettings, parse_command, save_yaml
+
+DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from nanoGPT's defaults (its GPT-2 124M
+run), then RECIPE.yaml files, then --key=value overrides. With no recipe, default.yaml (the shakespeare_char_cpu
+demo on the shipped corpus) is the recipe: the defaults below are its values.
+Tokens per optimizer step = batch_size x gradient_accumulation_steps x block_size, whatever the number of
+processes (each of N processes takes 1/N of the step's rows)."""
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
+EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resume cannot change these
 
 
 def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,
@@ -54,36 +56,37 @@ def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_d
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def configure_optimizer(model, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                        device_type: str) -> torch.optim.AdamW:
+    """nanoGPT's AdamW: weight decay on every 2-D tensor (matmul weights, embeddings), none on biases and norms;
+    fused (one kernel per tensor instead of about ten) on CUDA and CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+
+
 def prepare_model(accelerator, model, optimizer):
-    """accelerator.prepare, without the wrapper it puts around the model's forward for mixed precision: that wrapper
-    also copies every output to float32, and the loss is already float32 inside the model, so the (B, T, vocab) logits
-    copy was pure cost (2.5 GB written per GPT-2 124M micro-batch; on an H200 our step was 3.5% slower than a plain
-    PyTorch one compiled, 5% eager). Every forward of training and evaluation runs under accelerator.autocast()."""
+    """accelerator.prepare, without the wrapper it puts around forward for mixed precision: it also copies every
+    output to float32, and the (B, T, vocab) logits copy was pure cost (3.5-5% of a GPT-2 124M step on an H200).
+    Every forward of training and evaluation runs under accelerator.autocast() instead."""
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)  # (DDP, FSDP1 unwrapped) what accelerate patched, if it did
     if inner.__dict__.pop("_original_forward", None) is not None:
-        # the class's forward again; accelerate's own unwrap (keep_fp32_wrapper=False) also peels the model's
-        # decorators (can_return_tuple: return_dict=False then failed)
-        inner.__dict__.pop("forward", None)
+        inner.__dict__.pop("forward", None)  # the class's forward again, its decorators kept
     return model, optimizer
 
 
-def train_step(accelerator, model, optimizer, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-               lr: float, grad_clip: float) -> torch.Tensor:
-    """One optimizer step over this process's micro-batches (x, y), nanoGPT style.
-
-    The loss of each micro-batch is divided by their number, so the gradient is that of the mean over all of them
-    (and, after DDP's all-reduce average, over all processes). Gradients are synchronised only on the last
-    micro-batch. Returns the mean loss of this process's micro-batches, detached, without a device sync.
-    """
+def train_step(accelerator, model, optimizer, micro_batches, lr: float, grad_clip: float) -> torch.Tensor:
+    """One optimizer step over this process's micro-batches (x, y), nanoGPT style: each loss divided by their number,
+    gradients synchronised on the last one only, clipped, AdamW. Returns the mean loss, detached, without a sync."""
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     for group in optimizer.param_groups:
         group["lr"] = lr  # set by hand: a prepared scheduler would step once per process
     total = torch.zeros((), device=accelerator.device)
     for i, (x, y) in enumerate(micro_batches):
-        sync = i == n - 1
-        with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
+        with accelerator.no_sync(model) if i < n - 1 else contextlib.nullcontext(), accelerator.autocast():
             loss = model(input_ids=x, shift_labels=y, use_cache=False).loss / n
         accelerator.backward(loss)
         total += loss.detach()
@@ -94,591 +97,415 @@ def train_step(accelerator, model, optimizer, micro_batches: Iterable[tuple[torc
     return total
 
 
-
-# ---- set up -----------------------------------------------------------------------------------------------------
-
-EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
-INIT_FROM_NAMES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
-DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from nanoGPT's defaults (its GPT-2 124M
-run), then RECIPE.yaml files, then --key=value overrides. With no recipe, default.yaml (the shakespeare_char_cpu
-demo on the shipped corpus) is the recipe: the defaults below are its values.
-Tokens per optimizer step = batch_size x gradient_accumulation_steps x block_size, whatever the number of
-processes (each of N processes runs gradient_accumulation_steps / N micro-batches, as in nanoGPT)."""
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
-DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
-
-
-def dataset_path(dataset: str, data_dir: str) -> str:
-    """A dataset setting as a path: itself where it exists or has a slash, else a name under data_dir."""
-    return dataset if os.path.exists(dataset) or os.sep in dataset else os.path.join(data_dir, dataset)
-
-
-def same_folder(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def resolve_dataset(s: TrainSettings, accelerator) -> str:
-    """The prepared folder for s.dataset; the embedded corpora are prepared on first use (by the main process)."""
-    path = dataset_path(s.dataset, s.data_dir)
-    name = os.path.basename(os.path.normpath(s.dataset))
-    if not os.path.isfile(os.path.join(path, "meta.json")) and name in EMBEDDED_DATASETS:
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                from .data import PrepareSettings, prepare
-
-                prepare(PrepareSettings(source="shakespeare", tokenizer=EMBEDDED_DATASETS[name], out=path))
-    if not os.path.exists(path):  # a corpus file or folder that is not prepared: open_dataset says what to do
-        raise UserError(f"dataset '{s.dataset}' not found (looked for {path}); prepare it first: "
-                        f"python prepare.py SOURCE --out {path}")
-    return path
-
-
-def load_init_model(s: TrainSettings) -> NanoGPTForCausalLM:
-    """The model for init_from=scratch | gpt2* | a checkpoint folder or Hub id (resume is handled by the caller)."""
-    if s.init_from == "scratch":
-        raise AssertionError("scratch models are built from the dataset's vocabulary")
-    try:
-        config = AutoConfig.from_pretrained(s.init_from)
-    except (OSError, ValueError) as exc:
-        if not os.path.exists(s.init_from):
-            guess = difflib.get_close_matches(s.init_from, INIT_FROM_NAMES, n=1, cutoff=0.7)
-            if guess and guess[0] != s.init_from:  # a typo of a name we know beats the Hub's "not found"
-                raise UserError(f"init_from '{s.init_from}' is not a folder or a Hub model (did you mean "
-                                f"'{guess[0]}'?)") from None
-            if s.init_from.startswith((os.sep, ".", "~")) or s.init_from.count("/") > 1:  # a path, not a Hub id
-                raise UserError(f"cannot load init_from '{s.init_from}': no such folder") from None
-        if os.path.isdir(s.init_from) and not os.path.isfile(os.path.join(s.init_from, "config.json")):
-            raise UserError(f"cannot load init_from '{s.init_from}': the folder has no config.json (a checkpoint "
-                            "folder is what save_pretrained or train.py's out_dir holds)") from None
-        local = os.path.exists(s.init_from)
-        offline = os.environ.get("HF_HUB_OFFLINE") and not local
-        hint = " (is the Hub reachable? HF_HUB_OFFLINE=1 is set)" if offline else ""
-        where = "" if local else "no such local folder, and as a Hub id: "
-        raise UserError(f"cannot load init_from '{s.init_from}': {where}{first_line(exc)}{hint}") from None
-    try:
-        if config.model_type == "gpt2":
-            return NanoGPTForCausalLM.from_gpt2(s.init_from, dropout=s.dropout)
-        if config.model_type == "nanogpt":
-            return NanoGPTForCausalLM.from_pretrained(s.init_from, dropout=s.dropout, dtype=torch.float32)
-    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or corrupt weights; bad dropout
-        raise UserError(f"cannot load init_from '{s.init_from}': {first_line(exc)}") from None
-    raise UserError(f"init_from '{s.init_from}' is a {config.model_type!r} model; GPT-2 and nanogpt_hf are supported")
-
-
-def check_same_tokenizer(init_from: str, data, name: str | None = None) -> None:
-    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (same tokenizer, same
-    characters). name: how messages call the checkpoint (init_from '...' by default)."""
-    from transformers import AutoTokenizer
-
-    from .tokenization import tokenizer_kind
-
-    try:
-        theirs = AutoTokenizer.from_pretrained(tokenizer_folder(init_from))
-        kind = tokenizer_kind(theirs)  # a folder without tokenizer files loads as an empty tokenizer: refused here
-        chars = theirs.get_vocab() if kind == "char" else None
-    except Exception:  # no usable tokenizer saved (or a damaged one): a GPT-2 checkpoint is taken as GPT-2 BPE
-        if AutoConfig.from_pretrained(init_from).model_type != "gpt2":
-            return
-        kind, chars = "gpt2", None
-    name = name or f"init_from '{init_from}'"
-    if kind != data.tokenizer_kind:
-        raise UserError(f"{name} uses the {kind} tokenizer but dataset {data.path} was prepared with "
-                        f"{data.tokenizer_kind}: prepare it with --tokenizer={kind}")
-    if chars is not None and chars != data.tokenizer().get_vocab():
-        raise UserError(f"{name} and dataset {data.path} have different character vocabularies (the same ids would "
-                        "mean other characters): train on a dataset prepared from the same characters")
-
-
-def scratch_config(s: TrainSettings, vocab_size: int, kind: str) -> NanoGPTConfig:
-    # GPT-2 BPE: nanoGPT's 50304 (50257 padded to a multiple of 64: faster matmuls); characters: exactly the corpus'
-    if kind == "gpt2":
-        vocab_size = max(vocab_size, 50304)
-    eos = 50256 if kind == "gpt2" else None
-    try:
-        return NanoGPTConfig(block_size=s.block_size, vocab_size=vocab_size, n_layer=s.n_layer, n_head=s.n_head,
-                             n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eos, eos_token_id=eos)
-    except ValueError as exc:  # e.g. n_embd not divisible by n_head
-        raise UserError(f"impossible model shape: {first_line(exc)}") from None
-
-
-def check_ranges(s: TrainSettings) -> None:
-    """Values no run can use, refused before any work with the setting's name (not a traceback from torch)."""
-    for name in ("batch_size", "block_size", "max_iters", "eval_iters", "eval_interval", "log_interval",
-                 "gradient_accumulation_steps", "keep_states"):
-        at_least = 0 if name in ("max_iters", "keep_states") else 1
-        if getattr(s, name) < at_least:
-            bound = ">= 0" if at_least == 0 else "positive"
-            raise UserError(f"setting '{name}' must be {bound}, got {getattr(s, name)}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
-            raise UserError(f"setting '{name}' must be a finite number >= 0, got {getattr(s, name)}")
-    for name in ("beta1", "beta2", "dropout"):
-        if not 0.0 <= getattr(s, name) < 1.0:
-            raise UserError(f"setting '{name}' must be in [0, 1), got {getattr(s, name)}")
-
-
-def resume_settings(s: TrainSettings, explicit: dict, state_dir: str, log) -> TrainSettings:
-    """Settings of a resumed run: the saved ones, with what the user set explicitly. Architecture changes are refused;
-    optimisation changes (learning_rate, max_iters, eval_interval, ...) are allowed and announced."""
-    saved = TrainSettings(**{k: v for k, v in read_trainer_state(state_dir)["settings"].items()
-                             if k in {f.name for f in dataclasses.fields(TrainSettings)}})
-    changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
-    if "dataset" in changed and same_folder(  # the same folder written another way ('data/x/', a full path, a name)
-            dataset_path(changed["dataset"], changed.get("data_dir", saved.data_dir)),
-            dataset_path(saved.dataset, saved.data_dir)):
-        del changed["dataset"]
-    bad = [k for k in changed if k in ARCHITECTURE]
-    if bad:
-        k = bad[0]
-        raise UserError(f"cannot resume with {k}={changed[k]!r}: the run in {s.out_dir} was trained with "
-                        f"{k}={getattr(saved, k)!r}; start a new out_dir to change the architecture")
-    for k, v in changed.items():
-        log(f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}")
-    return dataclasses.replace(saved, **changed, init_from="resume", out_dir=s.out_dir)
-
-
-def refuse_to_replace_unfinished(out_dir: str) -> None:
-    """A new run in out_dir discards the states there (they would outrank its own): refused while they belong to a run
-    that has not reached its max_iters, so that relaunching a recipe without --init_from=resume (or a new run that
-    fails at its first step) cannot lose an interrupted run. A finished run's states are replaced."""
-    latest = latest_state(out_dir)
-    if latest is None:
-        return
-    ts = read_trainer_state(latest)
-    max_iters = ts.get("settings", {}).get("max_iters", 0)
-    if ts["step"] < max_iters:
-        raise UserError(f"{out_dir} holds an unfinished run (step {ts['step']} of {max_iters}): continue it with "
-                        f"--init_from=resume, or start the new run in another --out_dir (or after deleting "
-                        f"{os.path.join(out_dir, STATE_DIR)})")
-
-
-def restart_settings(s: TrainSettings, explicit: dict, log) -> TrainSettings:
-    """init_from=resume in an out_dir whose run was stopped before its first checkpoint (it wrote train_config.yaml,
-    but no state yet): that run again from step 0, with its settings and what the user set explicitly."""
-    from .settings import apply, load_recipe
-
-    path = os.path.join(s.out_dir, "train_config.yaml")
-    saved = apply(TrainSettings(), load_recipe(path), source=path) if os.path.isfile(path) else None
-    if saved is None or saved.init_from == "resume":
-        raise UserError(f"init_from=resume but {s.out_dir} holds no resumable state (state/step-N); "
-                        "train with init_from=scratch first")
-    if s.eval_only:  # restarting would evaluate a freshly initialised model
-        fix = (f"evaluate its saved model with --init_from={s.out_dir}"
-               if os.path.isfile(os.path.join(s.out_dir, "config.json")) else "it has no model to evaluate yet")
-        raise UserError(f"eval_only with init_from=resume, but {s.out_dir} holds no resumable state (state/step-N); "
-                        f"{fix}")
-    log(f"{s.out_dir} holds no resumable state yet (its run stopped before the first checkpoint): "
-        f"starting that run again from step 0")
-    changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir")}
-    return dataclasses.replace(saved, **changed, out_dir=s.out_dir)
-
-
-# ---- evaluation -------------------------------------------------------------------------------------------------
+def micro_batches(stream, s: TrainSettings, step: int, rank: int, world: int, device) -> list[tuple]:
+    """This process's share of step `step`: the step's rows are those of micro-batches 0..G-1 (G =
+    gradient_accumulation_steps, each a pure function of (seed, step, index)); process r takes the r-th of `world`
+    equal slices, in micro-batches of b rows. 1 process x G micro-batches sees what N processes see together."""
+    rows = s.batch_size * s.gradient_accumulation_steps // world  # rows per process
+    b = math.gcd(rows, s.batch_size)  # micro-batch size: divides both, so no micro-batch straddles two
+    out = []
+    for row in range(rank * rows, (rank + 1) * rows, b):
+        x, y = sample_batch(stream, seed=s.seed, step=step, index=row // s.batch_size, batch_size=s.batch_size,
+                            block_size=s.block_size)
+        lo = row % s.batch_size
+        out.append((x[lo:lo + b].to(device, non_blocking=True), y[lo:lo + b].to(device, non_blocking=True)))
+    return out
 
 
 @torch.no_grad()
-def estimate_loss(model, streams: dict, s: TrainSettings, accelerator, stop: StopRequest | None = None
-                  ) -> dict[str, float]:
-    """Mean loss over eval_iters fixed random batches per split, spread over all processes and gathered.
-
-    Every process runs as many forwards (under FSDP a forward is a collective): where eval_iters does not divide by
-    the number of processes, some run one more batch and leave it out. A stop request (SIGINT/SIGTERM), agreed on by
-    all processes, cuts the evaluation short so that a long one does not hold up the stop: the losses are then
-    partial, and the caller discards them."""
+def estimate_loss(model, streams: dict, s: TrainSettings, accelerator) -> dict[str, float]:
+    """Mean loss over eval_iters fixed batches per split, spread over all processes and gathered. Every process runs
+    as many forwards (under FSDP a forward is a collective): the extra batches of the last round are left out."""
     model.eval()
     out = {}
     world, rank = accelerator.num_processes, accelerator.process_index
     for split, stream in streams.items():
         total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
         for i in range(math.ceil(s.eval_iters / world)):
-            if stop is not None and _stop_requested(stop, accelerator):
-                break
             k = i * world + rank
             x, y = eval_batch(stream, seed=s.seed, k=min(k, s.eval_iters - 1), batch_size=s.batch_size,
                               block_size=s.block_size)
             with accelerator.autocast():
                 loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device),
                              use_cache=False).loss
-            if k < s.eval_iters:
-                total[0] += loss.float()
-                total[1] += 1
+            total += torch.stack([loss.float(), torch.ones_like(loss.float())]) * (k < s.eval_iters)
         total = accelerator.reduce(total, reduction="sum")
-        out[split] = (total[0] / total[1]).item() if total[1] else math.nan
+        out[split] = (total[0] / total[1]).item()
     model.train()
     return out
 
 
-# ---- the loop ---------------------------------------------------------------------------------------------------
+# ---- settings and set-up ----------------------------------------------------------------------------------------
 
 
-class StopRequest:
-    """SIGINT / SIGTERM: finish the current step (or cut the evaluation short), save a resumable state, exit."""
+def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[TrainSettings, str, list[str]]:
+    """A resumed run's settings: the saved ones, with what the user set explicitly. Architecture changes are refused;
+    other changes (learning rate, max_iters, dataset, ...) are allowed and announced. Returns (settings, state, notes)."""
+    state = latest_state(out_dir)
+    if state is None:
+        raise UserError(f"init_from=resume but {out_dir} holds no resumable state (state/step-N); start the run "
+                        f"with --init_from=scratch")
+    ts = read_trainer_state(state)
+    saved = TrainSettings(**{k: v for k, v in ts["settings"].items() if k in TrainSettings.__dataclass_fields__})
+    changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
+    for k in changed:
+        if k in ARCHITECTURE:
+            raise UserError(f"cannot resume with {k}={changed[k]!r}: the run in {out_dir} was trained with "
+                            f"{k}={getattr(saved, k)!r}; start a new out_dir to change the architecture")
+    notes = [f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}" for k, v in changed.items()]
+    return dataclasses.replace(saved, **changed, init_from="resume", out_dir=out_dir), state, notes
 
-    def __init__(self, announce: bool = True, processes: int = 1):
-        self.signal = None
-        self.announce = announce
-        # several processes agree on stopping over this CPU group (made by every process, as new_group requires)
-        self.group = torch.distributed.new_group(backend="gloo") if processes > 1 else None
-        self._previous = {}
+
+def check_start(s: TrainSettings) -> None:
+    """Refusals before any work. One rule keeps runs from overwriting each other: an out_dir holding resumable states
+    is continued with --init_from=resume, or the new run goes to another out_dir."""
+    if s.init_from not in ("scratch", "resume"):
+        check_checkpoint(s.init_from)
+    if s.push_to_hub:
+        check_repo_id(s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir)),
+                      default_from="" if s.hub_model_id else "out_dir's name")
+    if s.init_from != "resume" and not s.eval_only and state_dirs(s.out_dir):
+        raise UserError(f"{s.out_dir} holds the resumable states of an earlier run: continue it with "
+                        f"--init_from=resume, or start the new run in another --out_dir (or delete "
+                        f"{os.path.join(s.out_dir, 'state')})")
+
+
+def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
+    device_type = resolve_device_type(s.device)
+    if device_type == "cpu":
+        keep_freed_memory()  # a quarter of a CPU step was page faults
+    else:  # as nanoGPT: float32 matmuls on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with
+                                                          else [])
+    for t in trackers:  # accelerate skips a tracker that is not installed, silently
+        if t not in ("wandb", "tensorboard") or not importlib.util.find_spec(t):
+            raise UserError(f"log_with: the tracker '{t}' is unknown or not installed: use wandb and/or tensorboard "
+                            f"(pip install {t})")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a backend given to one process looks for a group
+    handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" and several else []
+    # dynamo_backend "no": the compile setting alone decides (an `accelerate config` with dynamo compiled twice)
+    accelerator = Accelerator(cpu=device_type == "cpu", log_with=trackers or None, project_dir=s.out_dir,
+                              mixed_precision=resolve_mixed_precision(s.dtype, device_type),
+                              kwargs_handlers=handlers, dynamo_backend="no")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("DeepSpeed is not supported: its engine steps the optimizer and clips gradients itself; use "
+                        "FSDP or DDP (accelerate config)")
+    if (s.batch_size * s.gradient_accumulation_steps) % accelerator.num_processes:
+        raise UserError(f"batch_size x gradient_accumulation_steps ({s.batch_size * s.gradient_accumulation_steps}) "
+                        f"must be divisible by the number of processes ({accelerator.num_processes})")
+    return accelerator, device_type
+
+
+def resolve_dataset(s: TrainSettings, accelerator) -> str:
+    """The prepared folder for s.dataset (a path, or a name under data_dir); the embedded corpora are prepared on
+    first use, by the main process."""
+    path = s.dataset if os.path.exists(s.dataset) or os.sep in s.dataset else os.path.join(s.data_dir, s.dataset)
+    kind = EMBEDDED_DATASETS.get(os.path.basename(os.path.normpath(s.dataset)))
+    with accelerator.main_process_first():
+        if kind and accelerator.is_main_process and not os.path.isfile(os.path.join(path, "meta.json")):
+            from .data import PrepareSettings, prepare
+
+            prepare(PrepareSettings(source="shakespeare", tokenizer=kind, out=path))
+    return path
+
+
+def check_same_tokenizer(theirs, data, name: str) -> None:
+    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean."""
+    from .tokenization import tokenizer_kind
+
+    kind = tokenizer_kind(theirs) if theirs is not None else "gpt2"
+    if kind != data.tokenizer_kind:
+        raise UserError(f"{name} uses the {kind} tokenizer but dataset {data.path} was prepared with "
+                        f"{data.tokenizer_kind}: prepare it with --tokenizer={kind}")
+    if kind == "char" and theirs.get_vocab() != data.tokenizer().get_vocab():
+        raise UserError(f"{name} and dataset {data.path} have different character vocabularies (the same ids would "
+                        "mean other characters): train on a dataset prepared from the same characters")
+
+
+def build_model(s: TrainSettings, state: str | None, data) -> tuple[NanoGPTForCausalLM, TrainSettings]:
+    """The model for init_from: scratch (shaped by the settings and the dataset's vocabulary), resume (the state's
+    config), or a checkpoint (finetuning, cropped to block_size). The settings then describe the model built."""
+    from transformers import AutoTokenizer
+
+    if s.init_from == "scratch":
+        gpt2 = data.tokenizer_kind == "gpt2"  # nanoGPT's 50304: 50257 padded to a multiple of 64
+        eot = 50256 if gpt2 else None
+        return NanoGPTForCausalLM(NanoGPTConfig(
+            block_size=s.block_size, vocab_size=max(data.vocab_size, 50304 if gpt2 else 0), n_layer=s.n_layer,
+            n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eot, eos_token_id=eot)), s
+    if s.init_from == "resume":
+        check_same_tokenizer(AutoTokenizer.from_pretrained(state), data, f"the run in {s.out_dir}")
+        return NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout)), s
+    model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
+    check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'")
+    if s.block_size > model.config.block_size:
+        raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
+                        f"use --block_size={model.config.block_size} or less")
+    model.crop_block_size(s.block_size)
+    c = model.config
+    return model, dataclasses.replace(s, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, built once by setup(); only the counters below the line change."""
+
+    s: TrainSettings
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared (DDP/FSDP) and maybe compiled: what steps and evaluations call
+    raw: NanoGPTForCausalLM  # the model itself
+    optimizer: torch.optim.Optimizer
+    streams: dict
+    tokenizer: object
+    ckpt: Checkpointer
+    record: dict  # what this run is on record: settings, recipes (a resume keeps its base model and recipe)
+    card: dict
+    metrics: MetricsLog | None = None
+    pusher: HubPusher | None = None
+    peak: float | None = None
+    # ----
+    step: int = 0
+    best_val_loss: float = math.inf
+    tokens_seen: int = 0
+    evaluated: bool = False  # resumed from a state saved right after this step's evaluation: not done again
+    first_step: int = 0
+    last_log: int = 0
+    t_log: float = 0.0
+    paused: float = 0.0  # seconds of evaluating and saving since the last log line (ms/iter leaves them out)
+    mfu: float = -1.0
+
+
+def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
+    notes, state = [], None
+    if s.init_from == "resume":
+        s, state, notes = resume_settings(s, explicit, s.out_dir)
+    check_start(s)
+    accelerator, device_type = make_accelerator(s)
+    for note in notes:
+        accelerator.print(note)
+    data = open_dataset(resolve_dataset(s, accelerator))
+    set_seed(s.seed)  # the same initial weights on every process
+    model, s = build_model(s, state, data)
+    check_compatible(data.meta, model.config.vocab_size, s.block_size,
+                     vocab_fix="train on a dataset prepared with the model's tokenizer")
+    model.generation_config.eos_token_id = model.generation_config.bos_token_id = model.config.eos_token_id
+    model.set_attn_implementation(training_attention(device_type, accelerator.mixed_precision))  # not saved
+    optimizer = configure_optimizer(model.train(), s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
+    prepared, optimizer = prepare_model(accelerator, model, optimizer)
+    compiled = s.compile if s.compile is not None else compile_by_default(device_type)
+    # compiled after prepare: states hold the plain keys and resume with compile on or off
+    record = dict(settings=dataclasses.asdict(s), recipes=recipes)
+    run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizer,
+              {split: data.stream(split) for split in ("train", "val")}, data.tokenizer(),
+              Checkpointer(accelerator, s.out_dir, s.keep_states), record, {})
+    if state:
+        resume(run, state, device_type)
+    else:
+        torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
+    accelerator.print(f"model: {model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
+                      f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
+                      f"compile {compiled}\ndata: {data.path} ({data.tokenizer_kind}, vocab {data.vocab_size}); "
+                      f"tokens per iteration: {s.batch_size * s.gradient_accumulation_steps * s.block_size:,} = "
+                      f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block")
+    if not s.eval_only:
+        start_records(run, data)
+    return run
+
+
+def resume(run: Run, state: str, device_type: str) -> None:
+    """Weights, optimizer, every RNG and the counters from a state; what the run is on record stays the original."""
+    run.ckpt.load_state(state)
+    ts = read_trainer_state(state)
+    run.step = run.first_step = run.last_log = ts["step"]
+    run.best_val_loss, run.tokens_seen, run.evaluated = ts["best_val_loss"], ts["tokens_seen"], ts["evaluated"]
+    run.record = dict(settings={**run.record["settings"], "init_from": ts["settings"]["init_from"]},
+                      recipes=ts["recipes"])
+    log = run.accelerator.print
+    log(f"resumed from {state} at step {run.step} (best val loss {run.best_val_loss:.4f})")
+    if run.accelerator.is_main_process and not run.s.eval_only:
+        run.ckpt.prune()  # a run killed between saving a state and pruning the old ones left one too many
+    if run.step >= run.s.max_iters and not run.s.eval_only:
+        log(f"nothing to train: the state is at step {run.step} and max_iters is {run.s.max_iters} (resume with a "
+            f"larger --max_iters to train on)")
+    if (ts["world_size"], ts["device_type"]) != (run.accelerator.num_processes, device_type):
+        log(f"note: the state was saved by {ts['world_size']} {ts['device_type']} process(es): this run continues "
+            "with the same batches, but dropout is drawn per process and device: not bit-exactly")
+
+
+def start_records(run: Run, data) -> None:
+    """Trackers, train_config.yaml, metrics.jsonl, the model card's facts and the Hub pusher."""
+    s, main = run.s, run.accelerator.is_main_process
+    settings = run.record["settings"]
+    hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
+    if run.accelerator.trackers is not None and run.accelerator.log_with:
+        try:
+            run.accelerator.init_trackers(s.wandb_project, config=settings,
+                                          init_kwargs={"wandb": {"name": s.wandb_run_name}})
+        except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
+            raise UserError(f"cannot start the tracker: {first_line(exc)} (or log offline: WANDB_MODE=offline)") \
+                from None
+    if main:
+        os.makedirs(s.out_dir, exist_ok=True)
+        save_yaml(settings, os.path.join(s.out_dir, "train_config.yaml"))
+        run.metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=run.step or None)
+        run.pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub else None
+    init_from = settings["init_from"]
+    run.card = {"settings": settings, "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
+                "recipe": ", ".join(run.record["recipes"]) or None,
+                "base_model": init_from if init_from not in ("scratch", "resume") else None}
+    run.peak = peak_flops(run.accelerator.device, run.accelerator.mixed_precision)
+    run.t_log = time.perf_counter()
+
+
+def report(run: Run, event: dict, line: str, progress) -> None:
+    """One event to metrics.jsonl, the console and the trackers."""
+    if run.metrics is not None:
+        run.metrics.write(event)
+        progress.write(line)
+    if run.accelerator.log_with:
+        prefix = "eval" if event["type"] == "eval" else "train"
+        run.accelerator.log({f"{prefix}/{k}": v for k, v in event.items() if k not in ("type", "iter")},
+                            step=event["iter"])
+
+
+def evaluate(run: Run, progress) -> None:
+    """Losses on both splits; the best model so far and a resumable state saved (nanoGPT's eval step)."""
+    t0, s = time.perf_counter(), run.s
+    losses = estimate_loss(run.model, run.streams, s, run.accelerator)
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise non_finite(losses["val"], run.step, s.out_dir)
+    ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
+    line = (f"train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), val loss {losses['val']:.4f} "
+            f"(perplexity {ppl['val']:.2f})")
+    if s.eval_only:
+        run.accelerator.print(f"eval: {line}")
+        return
+    event = {"type": "eval", "iter": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
+             "train_ppl": ppl["train"], "val_ppl": ppl["val"], "tokens": run.tokens_seen}
+    report(run, event, f"step {run.step}: {line}", progress)
+    if run.metrics is not None:
+        plot_losses(run.metrics.path, os.path.join(s.out_dir, "loss.png"))
+    # step 0 only reports the starting model; the first evaluation after training always saves
+    if run.step > 0 or s.max_iters == 0:
+        improved = losses["val"] < run.best_val_loss
+        run.best_val_loss = min(run.best_val_loss, losses["val"])  # only ever improves
+        if improved or s.always_save_checkpoint:
+            run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=losses["train"],
+                            val_loss=losses["val"], best_val_loss=run.best_val_loss)
+            run.ckpt.save_model(run.model, run.tokenizer, run.card)
+            if run.pusher:  # uploads in the background; a failure prints one line and training goes on
+                run.pusher.on_save(s.out_dir, f"step {run.step}: val loss {losses['val']:.4f}", improved)
+        save_state(run, evaluated=True)
+    run.paused += time.perf_counter() - t0
+
+
+def save_state(run: Run, evaluated: bool) -> str:
+    return run.ckpt.save_state({
+        "step": run.step, "best_val_loss": run.best_val_loss, "tokens_seen": run.tokens_seen, "evaluated": evaluated,
+        **run.record, "world_size": run.accelerator.num_processes, "device_type": run.accelerator.device.type},
+        run.raw.config, run.tokenizer)
+
+
+def log_step(run: Run, loss: torch.Tensor, lr: float, progress) -> None:
+    """The log line: loss (the only per-log device sync), lr, time per step, tokens/s, MFU after 5 warm-up steps."""
+    s, acc = run.s, run.accelerator
+    loss = acc.reduce(loss, reduction="mean").item()
+    if not math.isfinite(loss):
+        raise non_finite(loss, run.step, s.out_dir)
+    now = time.perf_counter()
+    dt = (now - run.t_log - run.paused) / (run.step - run.last_log)
+    warm = run.last_log - run.first_step >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
+    run.t_log, run.paused, run.last_log = now, 0.0, run.step
+    tokens = s.batch_size * s.gradient_accumulation_steps * s.block_size
+    event = {"type": "train", "iter": run.step, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+             "tokens_per_s": tokens / dt}
+    if run.peak and warm:
+        mfu = estimate_mfu(run.raw, s.batch_size * s.gradient_accumulation_steps // acc.num_processes,
+                           s.block_size, dt, run.peak)
+        run.mfu = event["mfu"] = mfu if run.mfu < 0 else 0.9 * run.mfu + 0.1 * mfu
+    mfu_text = f", mfu {run.mfu * 100:.2f}%" if run.mfu >= 0 else ""
+    report(run, event, f"iter {run.step}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+                       f"{tokens / dt:,.0f} tok/s{mfu_text}", progress)
+    progress.set_postfix(loss=f"{loss:.4f}")
+
+
+def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = ()) -> int:
+    """Train (or evaluate once with eval_only). explicit: the settings the user gave (a resume keeps the rest)."""
+    run = setup(s, explicit or {}, list(recipes))
+    s, acc = run.s, run.accelerator
+    if s.eval_only:
+        evaluate(run, None)
+        end_training(acc)
+        return 0
+    progress = tqdm(total=s.max_iters, initial=run.step, desc="training", disable=not acc.is_main_process,
+                    dynamic_ncols=True)
+    exit_code = 0
+    with StopSignals(acc) as stop, progress:
+        while True:
+            # evaluate (and save) at every eval_interval and after the last step
+            if (run.step % s.eval_interval == 0 or run.step == s.max_iters) and not run.evaluated:
+                evaluate(run, progress)
+            run.evaluated = False
+            if run.step >= s.max_iters:
+                break
+            lr = get_lr(run.step, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr)
+            batches = micro_batches(run.streams["train"], s, run.step, acc.process_index, acc.num_processes,
+                                    acc.device)
+            loss = train_step(acc, run.model, run.optimizer, batches, lr, s.grad_clip)
+            run.step += 1
+            run.tokens_seen += s.batch_size * s.gradient_accumulation_steps * s.block_size
+            progress.update(1)
+            if run.step % s.log_interval == 0 or run.step == s.max_iters:
+                log_step(run, loss, lr, progress)
+                if acc.check_trigger():  # SIGINT/SIGTERM on any process, agreed at log steps
+                    exit_code = stop_and_save(run, stop)
+                    break
+    if run.pusher:
+        run.pusher.finish(s.out_dir, f"end of training, step {run.step}")
+    end_training(acc)
+    if exit_code == 0 and acc.is_main_process and s.sample_at_end:
+        print_sample(s.out_dir, device=acc.device.type)
+    return exit_code
+
+
+class StopSignals:
+    """SIGINT / SIGTERM set accelerate's trigger; the loop checks it at log steps, saves a state and exits."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.signal, self.previous = accelerator, None, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
-    def _handle(self, signum, frame):
+    def handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        if self.announce:  # at once: the step or save in progress may take a while
-            print(f"\n{signal.Signals(signum).name} received: stopping after the current step and saving a state "
-                  f"(send it again to stop at once, without saving)", file=sys.stderr, flush=True)
+        self.accelerator.set_trigger()
+        print(f"\n{signal.Signals(signum).name} received: stopping at the next log step and saving a state (send it "
+              "again to stop at once, without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
 
 
-def quiet_library_output() -> None:
-    """The command shows one progress bar (training) and its log lines: no per-save "Writing model shards" bars, and
-    no accelerate warning that the tied lm_head.weight is stored once (it is re-tied on load, by design)."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    # no recipe: the demo's values are the defaults (not explicit settings: a resume keeps its saved ones)
-    s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True,
-                                default_recipe=DEFAULT_RECIPE)
-    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))]
-    if not recipes and s.init_from != "resume":  # a resume's settings are the saved ones, whatever recipe made them
-        recipes = ["default.yaml"]
-    quiet_library_output()
-    try:
-        return train(s, explicit, recipes)
-    except OSError as exc:  # disk full or no permission while writing logs or plots (saves say it themselves)
-        if exc.errno not in DISK_ERRNOS:
-            raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise UserError(f"{exc.strerror}{where}; the last checkpoint in {s.out_dir} is intact: free some space or "
-                        f"fix the permissions, then resume with --init_from=resume") from None
-
-
-def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = ()) -> int:
-    """Run training (or evaluation with eval_only). explicit: the settings the user gave (see resume_settings)."""
-    explicit = explicit or {}
-    # --- where we start from: a resumed run's settings are the saved ones (device, dtype, ... included)
-    notes, state_dir = [], None
-    if s.init_from == "resume":
-        state_dir = latest_state(s.out_dir)
-        if state_dir is None:
-            s = restart_settings(s, explicit, notes.append)  # killed before its first checkpoint: start it again
-        else:
-            s = resume_settings(s, explicit, state_dir, notes.append)
-    elif not s.eval_only:  # evaluating writes nothing
-        refuse_to_replace_unfinished(s.out_dir)
-    device_type = resolve_device_type(s.device)
-    if device_type == "cpu":
-        keep_freed_memory()  # a quarter of a CPU step was page faults
-    else:  # as nanoGPT: float32 matmuls (--dtype=float32, and the fp32 parts of mixed precision) on tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    mixed_precision = resolve_mixed_precision(s.dtype, device_type)
-    trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with else [])
-    for t in trackers:
-        if t not in ("wandb", "tensorboard"):
-            raise UserError(f"log_with: unknown tracker '{t}'; use wandb and/or tensorboard")
-        modules = ("tensorboard", "tensorboardX") if t == "tensorboard" else (t,)
-        if not any(importlib.util.find_spec(m) for m in modules):
-            raise UserError(f"log_with: the {t} tracker is not installed (accelerate would skip it): pip install {t}")
-    hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
-    if s.push_to_hub:
-        check_repo_id(hub_id, default_from="" if s.hub_model_id else "out_dir's name")
-    # a backend given to a single process makes accelerate look for a process group that nobody started
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend=s.backend)] if s.backend != "auto" and several else []
-    # dynamo_backend "no": the compile setting decides; an `accelerate config` with dynamo on made prepare() compile
-    # the model, and compiling it again here crashed (or compiled it under --compile=false)
-    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision, log_with=trackers or None,
-                              project_dir=s.out_dir, kwargs_handlers=handlers, dynamo_backend="no")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UserError("DeepSpeed is not supported: its engine steps the optimizer and clips gradients itself, which "
-                        "this loop does not hand over to it; use FSDP or DDP (accelerate config)")
-    log = accelerator.print
-    for note in notes:
-        log(note)
-    check_ranges(s)
-    world = accelerator.num_processes
-    if s.gradient_accumulation_steps % world:
-        raise UserError(f"gradient_accumulation_steps ({s.gradient_accumulation_steps}) must be divisible by the "
-                        f"number of processes ({world})")
-    accum = s.gradient_accumulation_steps // world
-    data_path = resolve_dataset(s, accelerator)
-    data = open_dataset(data_path)
-    streams = {split: data.stream(split) for split in ("train", "val")}
-
-    set_seed(s.seed)  # the same initial weights on every process
-    if s.init_from in ("scratch", "resume"):
-        config = (NanoGPTConfig.from_pretrained(state_dir, dropout=s.dropout) if state_dir  # dropout may change
-                  else scratch_config(s, data.vocab_size, data.tokenizer_kind))
-        model = NanoGPTForCausalLM(config)
-        if state_dir and os.path.isfile(os.path.join(state_dir, "tokenizer.json")):  # the dataset prepared again?
-            # the state's own tokenizer: out_dir's may still be an earlier run's, until this run saves its model
-            check_same_tokenizer(state_dir, data, name=f"the run in {s.out_dir}")
-    else:
-        model = load_init_model(s)
-        check_same_tokenizer(s.init_from, data)
-        if s.block_size < model.config.block_size:
-            model.crop_block_size(s.block_size)
-        elif s.block_size > model.config.block_size:
-            raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
-                            f"use --block_size={model.config.block_size} or less")
-        # the settings saved with the run (train_config.yaml, model card, states) describe the model trained, not
-        # the recipe's architecture, which finetuning ignores (as nanoGPT does)
-        c = model.config
-        s = dataclasses.replace(s, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias)
-    check_compatible(data.meta, model.config.vocab_size, s.block_size,
-                     vocab_fix="train on a dataset prepared with the model's tokenizer")
-    if data.tokenizer_kind == "gpt2" and model.config.vocab_size < 50257:
-        raise UserError(f"the dataset uses GPT-2 BPE but the model has vocab_size {model.config.vocab_size}")
-    tokenizer = data.tokenizer()
-    # out_dir only now that the model and data are known good: a refused run leaves no empty folder behind
-    try:
-        if accelerator.is_main_process and not s.eval_only:  # evaluating writes nothing
-            os.makedirs(s.out_dir, exist_ok=True)
-            probe = os.path.join(s.out_dir, f".write-test-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-    except OSError as exc:
-        what = "it is a file" if os.path.isfile(s.out_dir) else exc.strerror
-        raise UserError(f"cannot write to out_dir {s.out_dir}: {what}; choose a writable --out_dir") from None
-    model.generation_config.eos_token_id = model.config.eos_token_id
-    model.generation_config.bos_token_id = model.config.bos_token_id
-    model.set_attn_implementation(training_attention(device_type, mixed_precision))  # not saved with the model
-    model.train()
-
-    optimizer = model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
-    model, optimizer = prepare_model(accelerator, model, optimizer)
-    prepared = model  # what the accelerator holds (DDP / FSDP wrapped), never the compiled wrapper
-    compile_model = s.compile if s.compile is not None else compile_by_default(device_type)
-    if compile_model:
-        # compiled after prepare: the accelerator keeps the uncompiled model, so resumable states hold its plain keys
-        # (no '_orig_mod.' prefix) and resume with compile on or off, on a GPU or a CPU; and DDP then compiled is
-        # what lets dynamo split the graph at DDP's buckets, overlapping gradient all-reduce with backward
-        model = torch.compile(model)
-    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-
-    iter_num, best_val_loss, tokens_seen, evaluated = 0, math.inf, 0, False
-    if state_dir:
-        load_state(accelerator, state_dir)  # weights, optimizer, RNG of every process
-        if accelerator.is_main_process and not s.eval_only:  # evaluating changes nothing in out_dir
-            prune_states(s.out_dir, s.keep_states)
-        ts = read_trainer_state(state_dir)
-        iter_num, best_val_loss, tokens_seen = ts["step"], ts["best_val_loss"], ts["tokens_seen"]
-        evaluated = ts.get("evaluated", False)  # saved right after this step's evaluation: do not repeat it
-        log(f"resumed from {state_dir} at step {iter_num} (best val loss {best_val_loss:.4f})")
-        if iter_num >= s.max_iters and not s.eval_only:
-            log(f"nothing to train: the state is at step {iter_num} and max_iters is {s.max_iters} "
-                f"(resume with a larger --max_iters to train on)")
-        saved_on = (ts.get("world_size", world), ts.get("device_type", device_type))
-        if saved_on != (world, device_type):  # (accelerate skips another device's RNG state at INFO level)
-            log(f"note: the state was saved by {saved_on[0]} {saved_on[1]} process(es), this run has {world} "
-                f"{device_type}: it continues, with the same batches, but dropout is drawn per process and device: "
-                f"not bit-exactly as the interrupted run would have")
-    else:
-        torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
-
-    tokens_per_iter = s.batch_size * s.gradient_accumulation_steps * s.block_size
-    log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
-        f"{world} process(es), mixed precision {mixed_precision}, compile {compile_model}")
-    log(f"data: {data_path} ({data.tokenizer_kind}, vocab {data.vocab_size}, from {data.meta.get('source')}); "
-        f"tokens per iteration: "
-        f"{tokens_per_iter:,} = {s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches "
-        f"({accum} per process) x {s.block_size} block")
-
-    if s.eval_only:
-        losses = estimate_loss(model, streams, s, accelerator)
-        ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
-        log(f"eval: train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), "
-            f"val loss {losses['val']:.4f} (perplexity {ppl['val']:.2f})")
-        end_training(accelerator)
-        return 0
-
-    main = accelerator.is_main_process
-    # what the records (train_config.yaml, states, model card, trackers) say this run is: a resume is the run it
-    # continues, started from its base model and recipe (init_from=resume there lost both after the first resume)
-    record, saved_recipes = s, list(recipes)
-    if state_dir:
-        record = dataclasses.replace(s, init_from=ts["settings"].get("init_from", "resume"))
-        saved_recipes = list(recipes) or ts.get("recipes", [])
-    if trackers:  # before anything in out_dir changes: a run refused here leaves the previous one resumable
-        try:
-            accelerator.init_trackers(s.wandb_project, config=dataclasses.asdict(record),
-                                      init_kwargs={"wandb": {"name": s.wandb_run_name}})
-        except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
-            hint = " (or log offline: WANDB_MODE=offline)" if "wandb" in trackers else ""
-            raise UserError(f"cannot start the {', '.join(trackers)} tracker: {first_line(exc)}{hint}") from None
-    if main:
-        if not state_dir and state_dirs(s.out_dir):  # a new run in an old out_dir: its states would outrank ours
-            log(f"a new run in {s.out_dir}: removing the finished previous run's resumable states")
-            discard_states(s.out_dir)
-        save_yaml(record, os.path.join(s.out_dir, "train_config.yaml"))
-    metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=iter_num if state_dir else None) \
-        if main else None
-    peak = peak_flops(accelerator.device, mixed_precision)
-    card = {"settings": dataclasses.asdict(record), "dataset": data.meta.get("source"),
-            "repo_id": s.hub_model_id or None, "recipe": ", ".join(saved_recipes) or None,
-            "base_model": record.init_from if record.init_from not in ("scratch", "resume") else None}
-
-    pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub and main else None
-
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-
-    def save_model(losses: dict):
-        """Write the model folder. Called on every process: under FSDP gathering the full weights is a collective."""
-        full = accelerator.get_state_dict(prepared) if sharded else None
-        if full:  # gathered tensors no longer share storage: drop the tied copies, as save_pretrained does
-            for tied in NanoGPTForCausalLM._tied_weights_keys:
-                full.pop(tied, None)
-        if not main:
-            return
-        if pusher:
-            card["repo_id"] = pusher.repo_id  # with its namespace once the Hub has answered
-        card.update(steps=iter_num, tokens_seen=tokens_seen, train_loss=losses["train"], val_loss=losses["val"],
-                    best_val_loss=best_val_loss)
-
-        def write(tmp):
-            model_to_save = raw_model
-            if type(raw_model) is not NanoGPTForCausalLM:  # FSDP2's fully_shard swapped its class: save as ours
-                with torch.device("meta"):
-                    model_to_save = NanoGPTForCausalLM(raw_model.config)
-                model_to_save.generation_config = raw_model.generation_config
-            model_to_save.save_pretrained(tmp, state_dict=full)
-            tokenizer.save_pretrained(tmp)
-            if os.path.isfile(os.path.join(s.out_dir, "loss.png")):
-                shutil.copy(os.path.join(s.out_dir, "loss.png"), tmp)  # the card shows it
-            write_model_card(tmp, card)
-
-        save_model_folder(write, s.out_dir)
-
-    def write_state_files(tmp):  # a state is also a checkpoint that sample.py and finetuning can load
-        raw_model.config.to_json_file(os.path.join(tmp, "config.json"))
-        tokenizer.save_pretrained(tmp)
-
-    def save_resumable(evaluated: bool):
-        save_state(accelerator, s.out_dir, iter_num, {
-            "step": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen, "evaluated": evaluated,
-            "settings": dataclasses.asdict(record), "recipes": saved_recipes, "world_size": world,
-            "device_type": device_type},
-            keep=s.keep_states,
-            write=write_state_files)
-
-    def stop_and_save(stop: StopRequest, loss) -> int:
-        """After a stop request: save a resumable state at iter_num, say how to resume; the exit code."""
-        if loss is not None:
-            last = loss if isinstance(loss, float) else accelerator.reduce(loss, reduction="mean").item()
-            if not math.isfinite(last):  # never save a diverged state (the loss is checked at log steps only)
-                raise non_finite(last, iter_num, s.out_dir)
-        save_resumable(evaluated=False)
-        name = signal.Signals(stop.signal).name if stop.signal else "a signal"
-        log(f"\nstopped by {name} after step {iter_num}; state saved in {latest_state(s.out_dir)}. "
-            f"Resume with: python train.py --out_dir={s.out_dir} --init_from=resume"
-            + (f" (under accelerate launch, {world} processes)" if world > 1 else ""))
-        return 130 if stop.signal == signal.SIGINT else 143
-
-    progress = tqdm(total=s.max_iters, initial=iter_num, desc="training", disable=not main, dynamic_ncols=True)
-    t0, last_log_iter, running_mfu = time.perf_counter(), iter_num, -1.0
-    timed = 0.0  # seconds of training steps since the last log line, before t0 (evaluations are left out)
-    first_iter = iter_num
-    exit_code = 0
-    loss = None  # the last step's loss
-    # closing the bar first puts an error message on a line of its own
-    with StopRequest(announce=main, processes=world) as stop, progress:
-        while True:
-            # evaluate and save at every eval_interval and after the last step (nanoGPT skips the final save)
-            if (iter_num % s.eval_interval == 0 or iter_num == s.max_iters) and not (state_dir and evaluated):
-                timed += time.perf_counter() - t0
-                losses = estimate_loss(model, streams, s, accelerator, stop)
-                if _stop_requested(stop, accelerator):  # the evaluation was cut short: not reported, not saved
-                    exit_code = stop_and_save(stop, loss)
-                    break
-                if not all(math.isfinite(v) for v in losses.values()):
-                    raise non_finite(losses["val"], iter_num, s.out_dir)
-                ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
-                progress.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                               f"val perplexity {ppl['val']:.2f}") if main else None
-                event = {"type": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                         "train_ppl": ppl["train"], "val_ppl": ppl["val"], "tokens": tokens_seen}
-                if main:
-                    metrics.write(event)
-                    plot_losses(metrics.path, os.path.join(s.out_dir, "loss.png"))
-                if trackers:
-                    accelerator.log({f"eval/{k}": v for k, v in event.items() if k not in ("type", "iter")},
-                                    step=iter_num)
-                # the untrained (or just loaded) model of step 0 is reported, not a candidate: the first evaluation
-                # after training always saves, even where finetuning never beats the starting point
-                if iter_num > 0 or iter_num == s.max_iters:
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])  # only ever improves
-                    if improved or s.always_save_checkpoint:
-                        save_model(losses)
-                        if pusher:  # uploads in the background; a failure prints one line and training goes on
-                            pusher.on_save(s.out_dir, f"step {iter_num}: val loss {losses['val']:.4f}", improved)
-                    save_resumable(evaluated=True)
-                t0 = time.perf_counter()  # ms/iter measures training steps, not evaluation and saving
-            if iter_num >= s.max_iters:
-                break
-
-            lr = get_lr(iter_num, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr)
-            rank = accelerator.process_index
-            batches = [sample_batch(streams["train"], seed=s.seed, step=iter_num, index=j * world + rank,
-                                    batch_size=s.batch_size, block_size=s.block_size) for j in range(accum)]
-            batches = [(x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True))
-                       for x, y in batches]
-            loss = train_step(accelerator, model, optimizer, batches, lr, s.grad_clip)
-            iter_num += 1
-            tokens_seen += tokens_per_iter
-            progress.update(1)
-
-            if iter_num % s.log_interval == 0 or iter_num == s.max_iters:
-                loss = accelerator.reduce(loss, reduction="mean").item()  # the only per-log device sync
-                if not math.isfinite(loss):
-                    raise non_finite(loss, iter_num, s.out_dir)
-                dt = (timed + time.perf_counter() - t0) / (iter_num - last_log_iter)
-                warm = last_log_iter - first_iter >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
-                t0, timed, last_log_iter = time.perf_counter(), 0.0, iter_num
-                event = {"type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
-                         "tokens_per_s": tokens_per_iter / dt}
-                if peak and warm:
-                    mfu = raw_model.estimate_mfu(s.batch_size * accum, dt, peak, seq_len=s.block_size)
-                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-                    event["mfu"] = running_mfu
-                if main:
-                    metrics.write(event)
-                    mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ""
-                    progress.write(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-                                   f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
-                    progress.set_postfix(loss=f"{loss:.4f}")
-                if trackers:
-                    accelerator.log({f"train/{k}": v for k, v in event.items() if k not in ("type", "iter")},
-                                    step=iter_num)
-
-            evaluated = False  # only the first loop pass may skip the evaluation done before the state was saved
-            if _stop_requested(stop, accelerator):
-                exit_code = stop_and_save(stop, loss)
-                break
-    if pusher:
-        pusher.finish(s.out_dir, f"end of training, step {iter_num}")
-    end_training(accelerator)
-    if exit_code == 0 and main and s.sample_at_end:
-        print_sample(s.out_dir, device=device_type)
-    return exit_code
+def stop_and_save(run: Run, stop: StopSignals) -> int:
+    """After a stop request: a resumable state at this step, how to resume, the exit code."""
+    path = save_state(run, evaluated=False)
+    world = run.accelerator.num_processes
+    name = signal.Signals(stop.signal).name if stop.signal else "a signal"
+    run.accelerator.print(f"\nstopped by {name} after step {run.step}; state saved in {path}. Resume with: python "
+                          f"train.py --out_dir={run.s.out_dir} --init_from=resume"
+                          + (f" (under accelerate launch, {world} processes)" if world > 1 else ""))
+    return 130 if stop.signal == signal.SIGINT else 143
 
 
 def non_finite(loss: float, step: int, out_dir: str) -> UserError:
@@ -690,36 +517,32 @@ def non_finite(loss: float, step: int, out_dir: str) -> UserError:
 
 
 def end_training(accelerator) -> None:
-    """accelerator.end_training (trackers, then the process group), without torch's gloo shutdown deadlock: the
-    group's destructor holds the GIL while joining its worker threads, and a worker still releasing the tensors of
-    the last collective needs the GIL (pytorch/pytorch#75097, #56297); seen here as 2-process CPU runs that hang
-    after their final save. A barrier, then a pause without the GIL, lets the workers finish first. Every command
-    that makes an Accelerator ends with this: a process that exits with its group still open can abort ("terminate
-    called without an active exception", seen in bench.py under accelerate launch)."""
+    """accelerator.end_training, without torch's gloo shutdown deadlock (pytorch/pytorch#75097): a barrier, then a
+    pause without the GIL, lets the group's worker threads finish before its destructor joins them."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         time.sleep(0.2)
     accelerator.end_training()
 
 
-def _stop_requested(stop: StopRequest, accelerator) -> bool:
-    if accelerator.num_processes == 1:
-        return stop.signal is not None
-    # every process must stop after the same step, whichever received the signal. Asked at every step, so the flag
-    # travels between CPUs (gloo): through a GPU collective, reading it would wait for the GPU at every step
-    flag = torch.tensor([0.0 if stop.signal is None else 1.0])
-    torch.distributed.all_reduce(flag, group=stop.group)
-    return bool(flag.item())
-
-
 def print_sample(out_dir: str, max_new_tokens: int = 300, device: str = "cpu") -> None:
     """A short sample from the saved model, loaded back from disk: proof that the checkpoint works."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .sampling import generate_text
 
-    model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)  # the training device: gpt2-xl is slow on a CPU
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model, tokenizer = load_pretrained(out_dir)
     start = "\n" if tokenizer("\n")["input_ids"] else tokenizer.decode([0])  # a corpus without newlines
-    text = generate_text(model, tokenizer, start, max_new_tokens=max_new_tokens, stop_at_eot=True)
+    text = generate_text(model.to(device), tokenizer, start, max_new_tokens=max_new_tokens, stop_at_eot=True)
     print(f"---------- sample from {out_dir} ----------{text}\n" + "-" * 40)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # no recipe: the demo's values are the defaults (not explicit settings: a resume keeps its saved ones)
+    s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True,
+                                default_recipe=DEFAULT_RECIPE)
+    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))] or ["default.yaml"]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar (training) and its log lines, no "Writing model shards" per save
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": re-tied on load
+    return train(s, explicit, recipes)

