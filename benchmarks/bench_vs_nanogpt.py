@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nanogpt_reference import RefGPT  # noqa: E402
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, hardware  # noqa: E402
+from nanogpt_hf.training import configure_optimizer  # noqa: E402
 
 
 def main():
@@ -53,7 +54,7 @@ def main():
     contenders = (("nanoGPT model.py", ref, loss_ref, torch.optim.AdamW(ref.parameters(), lr=1e-3)),
                   ("nanogpt_hf, same step", ours, loss_ours, torch.optim.AdamW(ours.parameters(), lr=1e-3)),
                   (f"nanogpt_hf, train.py on this CPU ({precision})", tuned, loss_tuned,
-                   tuned.configure_optimizers(0.0, 1e-3, (0.9, 0.999), "cpu")))
+                   configure_optimizer(tuned, 0.0, 1e-3, (0.9, 0.999), "cpu")))
     steps = {}
     for name, model, loss_fn, opt in contenders:
         def step(model=model, loss_fn=loss_fn, opt=opt):

@@ -1,7 +1,6 @@
 """bench.py: throughput and MFU, framework overhead, and generation speed, on whatever device runs it.
 
-- train: nanoGPT's bench through training's train_step: ms/iter, tokens/s, MFU (against a GPU table or a measured CPU
-  peak), peak memory, --profile. Defaults: nanoGPT's GPT-2 124M on a GPU, the shakespeare_char shape on CPU.
+- train: nanoGPT's bench through train_step: ms/iter, tokens/s, MFU, peak memory (GPT-2 124M on GPU, else a CPU size).
 - overhead: our accelerate train_step against a plain PyTorch step (nanoGPT's), from the same weights, interleaved.
 - generate: greedy tokens/s with the KV cache (what sample.py runs) against nanoGPT's full recompute; the same tokens.
 """
@@ -103,7 +102,7 @@ def timed(device: torch.device, fn, *args, **kwargs):  # (fn(...), seconds), the
 
 
 def set_up(s: BenchSettings, device_type: str, precision: str):
-    """As train.py does: (accelerator, model, step function (micro_batches, lr, grad_clip) -> loss)."""
+    """As train.py: (accelerator, model, step function (micro_batches, lr, grad_clip) -> loss); prints the set-up."""
     if device_type == "cpu":
         hardware.keep_freed_memory()
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=precision, dynamo_backend="no")
@@ -111,6 +110,11 @@ def set_up(s: BenchSettings, device_type: str, precision: str):
     raw.set_attn_implementation(hardware.training_attention(device_type, precision))
     model, optimizer = prepare_model(accelerator, raw, configure_optimizer(raw, WEIGHT_DECAY, LR, BETAS, device_type))
     model = torch.compile(model) if s.compile else model
+    accelerator.print(
+        f"{s.mode} bench: {raw.get_num_params() / 1e6:.2f}M parameters, {s.n_layer} layers, {s.n_head} heads, "
+        f"{s.n_embd} wide, block {s.block_size}, batch {s.batch_size} x {s.gradient_accumulation_steps} micro-batches, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {precision}, compile "
+        f"{s.compile}, data {s.data or 'random tokens'}")
     return accelerator, raw, functools.partial(train_step, accelerator, model, optimizer)
 
 
@@ -120,10 +124,6 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
     accelerator, raw, step = set_up(s, device_type, precision)
     device, accum, world = accelerator.device, s.gradient_accumulation_steps, accelerator.num_processes
     batches = make_batches(s, device)
-    accelerator.print(
-        f"train bench: {raw.get_num_params() / 1e6:.2f}M parameters, {s.n_layer} layers, {s.n_head} heads, "
-        f"{s.n_embd} wide, block {s.block_size}, batch {s.batch_size} x {accum} micro-batches, {world} process(es) "
-        f"on {device}, mixed precision {precision}, compile {s.compile}, data {s.data or 'random tokens'}")
     peak = hardware.peak_flops(device, precision)  # measured on CPU: before the timing, not during it
     [step(batches[i % 4], LR, GRAD_CLIP).item() for i in range(s.warmup)]  # warm-up
     if device.type == "cuda":
@@ -190,11 +190,8 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> None:
             first.setdefault(name, loss.item())  # the same weights, the same batch: the losses must agree
             times[name] += [seconds * 1000] if r >= 0 else []
     med = {name: statistics.median(t) for name, t in times.items()}
-    accelerator.print(
-        f"overhead bench: {raw.get_num_params() / 1e6:.2f}M parameters, block {s.block_size}, batch {s.batch_size} "
-        f"x {s.gradient_accumulation_steps}, {world} process(es) on {device}, mixed precision {precision}, compile "
-        f"{s.compile}, {s.repeats * s.iters} interleaved steps each")
-    accelerator.print(f"first-step loss: accelerate {first['accelerate']:.6f}, plain {first['plain']:.6f}")
+    accelerator.print(f"{s.repeats * s.iters} interleaved steps each; first-step loss: accelerate "
+                      f"{first['accelerate']:.6f}, plain {first['plain']:.6f}")
     for name, t in times.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else t * 3
         accelerator.print(f"{name:>10}: median {med[name]:.1f} ms/iter (quartiles {q[0]:.1f} .. {q[2]:.1f})")
@@ -238,7 +235,7 @@ def run_generate(s: BenchSettings, device_type: str, precision: str) -> None:
         raise AssertionError("the KV cache changed the tokens; rerun with --dtype=float32: a near-tie, or a bug?")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     s, _ = parse_command(BenchSettings, argv, prog="bench.py", description="Benchmark training throughput and MFU, "
                          "accelerate's overhead, or KV-cache generation speed.")
     device_type = hardware.resolve_device_type(s.device)
@@ -247,4 +244,3 @@ def main(argv: list[str] | None = None) -> int:
     precision = hardware.resolve_mixed_precision(s.dtype, device_type)
     s = resolve(s, device_type)
     {"train": run_train, "overhead": run_overhead, "generate": run_generate}[s.mode](s, device_type, precision)
-    return 0

@@ -144,7 +144,6 @@ class Checkpointer:
                 with open(plot, "rb") as src, open(os.path.join(tmp, "loss.png"), "wb") as dst:
                     dst.write(src.read())  # the card shows it
             write_model_card(tmp, card)
-        print(f"saved the model to {self.out_dir}")
 
     def save_state(self, trainer_state: dict, config, tokenizer) -> str:
         """accelerator.save_state into out_dir/state/step-N, atomically; every process writes its part."""

@@ -85,7 +85,8 @@ def atomic_output(path: str, merge: bool = False):
         yield tmp
         fsync_tree(tmp)
         if merge and os.path.isdir(path):
-            for name in sorted(os.listdir(tmp), key=lambda n: n.endswith(".safetensors")):
+            names = os.listdir(tmp)
+            for name in [n for n in names if not n.endswith(".safetensors")] + [n for n in names if n.endswith(".safetensors")]:
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         elif os.path.isdir(tmp) and os.path.exists(path):
             old = os.path.join(parent, f".{base}.old-{os.getpid()}")

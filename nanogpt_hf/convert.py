@@ -45,9 +45,8 @@ class PlainUnpickler(pickle.Unpickler):
 
 def load_nanogpt(path: str) -> dict:
     """nanoGPT's ckpt.pt, loaded safely: only tensors, dicts, numbers and strings (anything else could run code)."""
-    with open(path, "rb") as fh:  # torch.save writes zip archives; a truncated one has lost its directory
-        if not zipfile.is_zipfile(fh):
-            raise UserError(f"'{path}' is not a PyTorch checkpoint (not a torch.save file, or truncated)")
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # torch.save writes zip archives, truncated: not one
+        raise UserError(f"'{path}' is not a PyTorch checkpoint (not a torch.save file, or truncated)")
     try:  # mmap: the optimizer state (2x the model) is never read
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
@@ -172,8 +171,7 @@ COMMANDS = [  # (function, help, positional arguments named as its parameters)
     (convert_nanogpt, "nanoGPT ckpt.pt -> nanogpt_hf (meta.pkl: beside CKPT or in data/<dataset>/)", ["ckpt", "out"]),
     (export_gpt2, "nanogpt_hf (or GPT-2) checkpoint -> stock GPT2LMHeadModel folder", ["checkpoint", "out"]),
     (import_gpt2, "gpt2 ... gpt2-xl, or any GPT-2 folder or Hub id -> nanogpt_hf folder", ["id_or_dir", "out"]),
-    (push, "upload a checkpoint folder's files (not state/) to the Hub, token from HF_TOKEN", ["out_dir", "repo_id"]),
-]
+    (push, "upload a checkpoint folder's files (not state/) to the Hub, token from HF_TOKEN", ["out_dir", "repo_id"])]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     del args["command"]
     args.pop("run")(**args)
-    return 0

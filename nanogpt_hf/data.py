@@ -1,15 +1,11 @@
 """Prepare a corpus into Arrow token datasets, and sample nanoGPT training windows from them.
 
-    python prepare.py [SOURCE] --tokenizer=gpt2|char --out=DIR        (or prepare(PrepareSettings(...)))
+    python prepare.py [SOURCE] --tokenizer=gpt2|char --out=DIR
     corpus --load_dataset--> documents --map(num_proc)--> ids per document --train/val split--> DIR/
 
-SOURCE: "shakespeare" (embedded, offline), a .txt/.jsonl/.json/.parquet file, a folder (its corpus files, sorted;
-hidden files and prepared datasets skipped), a glob or a Hub dataset id. A .txt file is one document (nanoGPT's
-shakespeare) or one per paragraph. GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's
-openwebtext); char: ids into sorted(set(corpus)) (shakespeare_char). uint16 ids, one row per document. val: the last
-10% of the tokens (nanoGPT's shakespeare), or from 100k documents on 0.0005 of the documents, seed 2357 (openwebtext).
-DIR (dataset_dict.json, train/, val/, tokenizer, meta.json) is written atomically. TokenStream(DIR, split) maps a
-split as one token stream; sample_batch(stream, seed=, step=, index=, ...) is a pure function of its arguments.
+GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's openwebtext); char: ids into
+sorted(set(corpus)) (shakespeare_char). val: the last 10% of the tokens (shakespeare), or from 100k documents on
+0.0005 of the documents, seed 2357 (openwebtext). sample_batch is a pure function of its arguments.
 """
 
 from __future__ import annotations
@@ -59,8 +55,7 @@ class PrepareSettings:
         "file", ".txt files: one document per file, or one per blank-line-separated paragraph")
     val_split: Literal["auto", "tail", "random"] = setting(
         "auto", "tail: last val_fraction of the tokens; random: val_fraction of the documents; auto: by corpus size")
-    val_fraction: float | None = setting(
-        None, "fraction held out for val; none: 0.1 for tail, 0.0005 for random (nanoGPT's)", range="(0, 1)")
+    val_fraction: float | None = setting(None, "held out for val; none: 0.1 (tail), 0.0005 (random)", range="(0, 1)")
     random_split_min_documents: int = setting(
         100_000, "auto: the random split from this many documents on, the tail below", range="[1, inf)")
     seed: int = setting(2357, "seed of the random split (nanoGPT's)")
@@ -70,13 +65,11 @@ class PrepareSettings:
     force: bool = setting(False, "prepare again even when the output is up to date")
 
 
-def _builder(path: str) -> str | None:
-    """The datasets builder that reads a corpus file (.xz-compressed too); None for other files."""
+def _builder(path: str) -> str | None:  # the datasets builder that reads a corpus file (.xz too), else None
     return FILE_BUILDERS.get(os.path.splitext(path.removesuffix(".xz"))[1].lower())
 
 
-def prepared_meta(folder: str) -> dict | None:
-    """meta.json of a folder prepare.py wrote, else None (such a folder is output, never corpus)."""
+def prepared_meta(folder: str) -> dict | None:  # meta.json of a prepared folder (output, never corpus), else None
     try:
         with open(os.path.join(folder, META_FILE), encoding="utf-8") as fh:
             return meta if (meta := json.load(fh)).get("format") == META_FORMAT else None
@@ -84,8 +77,7 @@ def prepared_meta(folder: str) -> dict | None:
         return None
 
 
-def _skipped(file: str, root: str, out: str) -> bool:
-    """Whether a file lies, below `root`, in the output folder or another prepared dataset."""
+def _skipped(file: str, root: str, out: str) -> bool:  # below root, in the output or another prepared dataset?
     folder = os.path.dirname(file)
     while len(folder) > len(root) and os.path.realpath(folder) != out and not prepared_meta(folder):
         folder = os.path.dirname(folder)
@@ -108,8 +100,7 @@ def corpus_files(source: str, out: str) -> list[str] | None:
                    and not _skipped(f, root, os.path.realpath(out)) and (_builder(f) or not folder))
     if not files:
         raise UserError(f"no corpus files ({', '.join(FILE_BUILDERS)}) in '{source}'")
-    unknown = [f for f in files if not _builder(f)]
-    if unknown:
+    if unknown := [f for f in files if not _builder(f)]:
         raise UserError(f"cannot read '{unknown[0]}': supported files are {', '.join(FILE_BUILDERS)}")
     return files
 
@@ -159,8 +150,7 @@ def _texts(batch, column: str) -> list[str]:  # the functions datasets.map runs 
     return [t or "" for t in array.to_pylist()]
 
 
-def list_table(lengths: list[int], values):
-    """One row of ids per document, as large_list: int64 offsets (a map batch may hold over 2**31 tokens)."""
+def list_table(lengths: list[int], values):  # a row of ids per document; int64 offsets: a batch may hold 2**31
     return pa.table({"ids": pa.LargeListArray.from_arrays(np.cumsum([0, *lengths], dtype=np.int64), values)})
 
 
@@ -185,11 +175,11 @@ def tokenizing(cfg: PrepareSettings, ds) -> tuple:
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
+    stoi = {c: i for i, c in enumerate(sorted(chars))}
     lut = np.zeros(ord(max(chars)) + 1, dtype=np.uint32)  # code point -> index in sorted(set(corpus))
-    lut[[ord(c) for c in sorted(chars)]] = np.arange(len(chars), dtype=np.uint32)
-    dtype = "uint16" if len(chars) <= 1 << 16 else "uint32"
-    return char_tokenizer_from_stoi({c: i for i, c in enumerate(sorted(chars))}), {"column": cfg.text_column,
-                                                                                  "dtype": dtype, "lut": lut}
+    lut[[ord(c) for c in stoi]] = np.arange(len(stoi), dtype=np.uint32)
+    dtype = "uint16" if len(stoi) <= 1 << 16 else "uint32"
+    return char_tokenizer_from_stoi(stoi), {"column": cfg.text_column, "dtype": dtype, "lut": lut}
 
 
 def ids_features(dtype: str):
@@ -209,15 +199,12 @@ def tokenize(ds, cfg: PrepareSettings, kwargs: dict, name: str, cache_dir: str):
         desc=f"Tokenizing {name} ({cfg.tokenizer}, num_proc={num_proc})").with_format(None)
 
 
-def row_lengths(ds) -> np.ndarray:
-    """Tokens per document from the Arrow list offsets: no ids are read."""
-    chunks = ds.data.column("ids").chunks
-    return np.concatenate([np.zeros(0, np.int64)] + [np.diff(c.offsets.to_numpy()) for c in chunks])
+def row_lengths(ds) -> np.ndarray:  # tokens per document, from the Arrow list offsets (no ids are read)
+    return pc.list_value_length(ds.data.column("ids")).to_numpy()
 
 
 def tail_split(ds, fraction: float) -> tuple:
-    """The last `fraction` of the token stream -> val; the document holding the cut is split in two (nanoGPT's
-    90/10). Its ids are an Arrow slice of the mapped file: a Python list of a one-file corpus takes 40 B a token."""
+    """The last `fraction` of the token stream -> val, the document holding the cut split in two (nanoGPT's 90/10)."""
     ends = np.cumsum(row_lengths(ds))  # (documents,) stream position where each one ends
     total = int(ends[-1]) if len(ends) else 0
     cut = total - max(1, round(total * fraction))  # the first val token
@@ -225,16 +212,14 @@ def tail_split(ds, fraction: float) -> tuple:
         raise UserError(f"the corpus is empty or too small to hold out a val split ({total} tokens)")
     k = int(np.searchsorted(ends, cut, side="right"))  # the document holding it
     head = cut - (int(ends[k - 1]) if k else 0)  # its tokens that stay in train
-    row = pc.list_flatten(ds.data.column("ids").slice(k, 1)).combine_chunks()
+    row = pc.list_flatten(ds.data.column("ids").slice(k, 1)).combine_chunks()  # Arrow, not a list: 40 B a token
     train = [datasets.Dataset(ds.data.slice(0, k))] + [datasets.Dataset(list_table([head], row[:head]))] * (head > 0)
     val = [datasets.Dataset(list_table([len(row) - head], row[head:])), datasets.Dataset(ds.data.slice(k + 1))]
     return datasets.concatenate_datasets(train), datasets.concatenate_datasets(val)
 
 
-def prepare_dataset(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -> tuple:
-    """Load, tokenize and split a memory-mapped corpus -> ({split: Dataset of ids}, tokenizer, (rule, fraction))."""
-    ds = load_corpus(cfg, files, cache_dir)
-    tokenizer, kwargs = tokenizing(cfg, ds)
+def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tuple:
+    """Tokenize and split a memory-mapped corpus -> ({split: Dataset of ids}, (rule, fraction))."""
     rule = "random" if len(ds) >= cfg.random_split_min_documents else "tail"
     rule = rule if cfg.val_split == "auto" else cfg.val_split
     fraction = cfg.val_fraction or (0.1 if rule == "tail" else 0.0005)
@@ -243,14 +228,11 @@ def prepare_dataset(cfg: PrepareSettings, files: list[str] | None, cache_dir: st
     else:  # nanoGPT's: split the documents (shuffled, seed 2357), then tokenize each split
         parts = ds.train_test_split(test_size=fraction, seed=cfg.seed, shuffle=True)
         splits = [tokenize(parts[k].flatten_indices(), cfg, kwargs, k, cache_dir) for k in ("train", "test")]
-    return dict(zip(("train", "val"), splits)), tokenizer, (rule, fraction)
+    return dict(zip(("train", "val"), splits)), (rule, fraction)
 
 
-def prepare_stream(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -> tuple:
-    """Tokenize a stream batch by batch into an Arrow file; each document goes to val with probability val_fraction
-    (seed, stream order: the same split every run); val is kept in memory."""
-    stream = load_corpus(cfg, files, cache_dir)
-    tokenizer, kwargs = tokenizing(cfg, stream)  # char: a first pass for the vocabulary
+def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str) -> tuple:
+    """Tokenize a stream into an Arrow file; each document goes to val (in memory) with probability val_fraction."""
     features, path, fraction = ids_features(kwargs["dtype"]), os.path.join(cache_dir, "train.arrow"), cfg.val_fraction
     rng, fraction, val = np.random.default_rng(cfg.seed), fraction or 0.0005, [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
@@ -267,7 +249,7 @@ def prepare_stream(cfg: PrepareSettings, files: list[str] | None, cache_dir: str
     if train.num_rows == 0:
         raise UserError(f"the stream '{cfg.source}' holds {val.num_rows} document(s), too few for a train and a val "
                         "split; prepare it without --streaming (the tail split cuts a document in two)")
-    return {"train": train, "val": val}, tokenizer, ("random", fraction)
+    return {"train": train, "val": val}, ("random", fraction)
 
 
 def default_out(cfg: PrepareSettings) -> str:
@@ -300,15 +282,16 @@ def prepare(cfg: PrepareSettings) -> str:
     with atomic_output(out) as tmp:
         cache = os.path.join(tmp, "cache")  # datasets' work files, deleted before the folder is renamed into place
         os.makedirs(cache)
-        splits, tokenizer, rule = (prepare_stream if cfg.streaming else prepare_dataset)(cfg, files, cache)
+        ds = load_corpus(cfg, files, cache)
+        tokenizer, kwargs = tokenizing(cfg, ds)  # char: a first pass over the corpus for the vocabulary
+        splits, rule = (split_stream if cfg.streaming else split_dataset)(cfg, ds, kwargs, cache)
         datasets.DatasetDict(splits).save_to_disk(tmp)
         remove(cache)
         tokenizer.save_pretrained(tmp)
         stats = {k: {"documents": d.num_rows, "tokens": int(row_lengths(d).sum())} for k, d in splits.items()}
         meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": cfg.tokenizer,
-                "vocab_size": len(tokenizer),
-                "dtype": splits["train"].features["ids"].feature.dtype, "splits": stats, "source": cfg.source,
-                "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "fingerprint": key,
+                "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype, "splits": stats,
+                "source": cfg.source, "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "fingerprint": key,
                 "val_split": {"rule": rule[0], "fraction": rule[1], "seed": cfg.seed},
                 "settings": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
@@ -319,17 +302,15 @@ def prepare(cfg: PrepareSettings) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_command(
         PrepareSettings, argv, prog="prepare.py", positional="source",
         description="Tokenize a corpus into train/val Arrow datasets (plus tokenizer and meta.json) for training.",
         epilog="examples:\n"
         "  python prepare.py --tokenizer=char                    # embedded Shakespeare -> data/shakespeare_char\n"
         "  python prepare.py my_texts/ --out=data/mine           # every .txt/.jsonl/.json/.parquet under my_texts/\n"
-        "  python prepare.py Skylion007/openwebtext --num_proc=8  # a Hub dataset (needs the network)",
-    )
+        "  python prepare.py Skylion007/openwebtext --num_proc=8  # a Hub dataset (needs the network)")
     prepare(cfg)
-    return 0
 
 
 def read_meta(path: str) -> dict:
@@ -339,22 +320,20 @@ def read_meta(path: str) -> dict:
         what = "is not a prepared dataset (no meta.json)" if exists else "does not exist"
         raise UserError(f"'{path}' {what}; prepare it first: python prepare.py {path if exists else 'SOURCE'} "
                         f"--out={out}, then use {out}")
-    meta = prepared_meta(path)
-    if meta is None or meta.get("version") != META_VERSION:
+    if (meta := prepared_meta(path)) is None or meta.get("version") != META_VERSION:
         raise UserError(f"{os.path.join(path, META_FILE)} is damaged or of another version; prepare it again")
     return meta
 
 
 class TokenStream:
-    """A split as one token stream, memory-mapped, never copied whole: each Arrow record batch's (chunk's) ids are a
-    zero-copy numpy view of the mapped file; offsets[i] is where chunk i starts; searchsorted finds a window's."""
+    """A split as one memory-mapped token stream: each Arrow record batch's ids are a zero-copy numpy view (chunk)."""
 
     def __init__(self, path: str, split: str = "train"):
         self.meta, self.path, self.split = read_meta(path), path, split
         self._dataset = datasets.load_from_disk(os.path.join(path, split))  # keeps the memory maps alive
         chunks = [c.flatten().to_numpy(zero_copy_only=True) for c in self._dataset.data.column("ids").chunks]
         self.chunks = [c for c in chunks if len(c)]
-        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])  # (chunks + 1,)
+        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])  # (chunks + 1,): where each chunk starts
         self.salt = zlib.crc32(split.encode())  # train and val draw different windows from the same seed
 
     def __len__(self) -> int:
@@ -388,11 +367,9 @@ class PreparedData:
 open_dataset = PreparedData
 
 
-def check_compatible(meta, model_vocab_size: int, block_size: int,
+def check_compatible(meta: dict, model_vocab_size: int, block_size: int,
                      vocab_fix: str = "set --vocab_size={needed} or more") -> None:
-    """Training-start checks: the model embeds every id, each split holds one window. vocab_fix: what the caller's
-    user can do about a dataset vocabulary too large for the model."""
-    meta = meta.meta if isinstance(meta, (PreparedData, TokenStream)) else meta
+    """Training-start checks: the model embeds every id (else vocab_fix says what to do), each split holds a window."""
     if meta["vocab_size"] > model_vocab_size:
         raise UserError(f"the dataset's vocabulary ({meta['vocab_size']} tokens) is larger than the model's "
                         f"vocab_size ({model_vocab_size}); {vocab_fix.format(needed=meta['vocab_size'])}")
@@ -412,8 +389,8 @@ def _xy(stream: TokenStream, block_size: int, starts: np.ndarray | None = None, 
 
 
 def sample_batch(stream: TokenStream, *, seed: int, step: int, index: int, batch_size: int, block_size: int):
-    """Random windows for micro-batch `index` of optimizer step `step`. index is GLOBAL (rank r at micro-step j of G/W:
-    j*W + r), so one process accumulating G micro-batches sees exactly the batches of W processes doing G/W each."""
+    """Random windows for micro-batch `index` of optimizer step `step` (index counts over all processes): the batch of
+    (seed, step, index) is the same whichever process draws it, so any process count sees the same data."""
     rng = np.random.default_rng([seed, stream.salt, 0, step, index])  # 0: training, 1: evaluation draws
     return _xy(stream, block_size, rng=rng, batch_size=batch_size)
 

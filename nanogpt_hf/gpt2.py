@@ -1,8 +1,7 @@
 """GPT-2 <-> nanoGPT: transformers' GPT2LMHeadModel as NanoGPTForCausalLM and back, with exactly the same logits.
 
-The two are the same network with the same parameter names. Two differences: GPT-2 stores four weights as Conv1D
-(in, out) where nanoGPT's nn.Linear stores (out, in), so they are transposed; and OpenAI's GPT-2 uses the tanh GELU
-("gelu_new"), which is kept as the model's activation_function.
+The same network with the same parameter names, except that GPT-2 stores four weights as Conv1D (in, out), not
+nn.Linear (out, in); OpenAI's tanh GELU ("gelu_new") is kept as the model's activation_function.
 """
 
 import torch
@@ -13,21 +12,16 @@ from .configuration_nanogpt import NanoGPTConfig
 from .modeling_nanogpt import NanoGPTForCausalLM
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# GPT2Config options that change the function computed, at the values nanoGPT's architecture has
-# (reorder_and_upcast_attn is not one: it only upcasts eager attention scores under autocast)
+# GPT2Config options that change the function computed, at nanoGPT's values (not reorder_and_upcast_attn: it upcasts)
 NANOGPT_OPTIONS = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
 
 
 def convert_state(state: dict, like: dict) -> dict:
-    """One layout's state dict in the other's: Conv1D weights transposed, GPT-2's old mask buffers left out, and a
-    bias the target has but the source lacks (a bias=False model) set to zero, which computes the same function."""
+    """`state` in the layout of `like`: Conv1D weights transposed, mask buffers left out, missing biases zero."""
     out = {}
-    for key, target in like.items():
-        if key not in state:
-            out[key] = torch.zeros_like(target)
-        else:
-            value = state[key].detach().float()
-            out[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
+    for key, target in like.items():  # a missing key is a bias, never a Conv1D weight
+        value = state[key].detach().float() if key in state else torch.zeros_like(target)
+        out[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
     return out
 
 
@@ -42,36 +36,26 @@ def from_gpt2(name_or_path: str, dropout: float = 0.0, **kwargs) -> NanoGPTForCa
     unsupported += [f"n_inner={c.n_inner}"] if c.n_inner not in (None, 4 * c.n_embd) else []
     if unsupported:
         raise UserError(f"'{name_or_path}' uses GPT-2 options outside nanoGPT's architecture: {', '.join(unsupported)}")
-    config = NanoGPTConfig(
+    model = NanoGPTForCausalLM(NanoGPTConfig(
         block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
         dropout=dropout, bias=True, activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=c.tie_word_embeddings,
-    )
-    model = NanoGPTForCausalLM(config)
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, tie_word_embeddings=c.tie_word_embeddings))
     model.load_state_dict(convert_state(gpt2.state_dict(), model.state_dict()), strict=True)
-    model.generation_config.bos_token_id, model.generation_config.eos_token_id = c.bos_token_id, c.eos_token_id
     return model
 
 
 def to_gpt2(model: NanoGPTForCausalLM) -> GPT2LMHeadModel:
     """The model as a stock transformers GPT2LMHeadModel computing the same logits (float32)."""
     c = model.config
-    config = GPT2Config(
+    gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function=c.activation_function, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
         layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id, tie_word_embeddings=c.tie_word_embeddings,
-    )
-    gpt2 = GPT2LMHeadModel(config)
+        pad_token_id=c.pad_token_id, tie_word_embeddings=c.tie_word_embeddings))
     gpt2.load_state_dict(convert_state(model.state_dict(), gpt2.state_dict()), strict=True)
+    gpt2.generation_config = model.generation_config
     return gpt2
 
 
-def save_gpt2(model: NanoGPTForCausalLM, directory: str, **kwargs) -> None:
-    """Write a plain GPT2LMHeadModel folder that stock transformers loads with no custom code."""
-    gpt2 = to_gpt2(model)
-    gpt2.generation_config = model.generation_config
-    gpt2.save_pretrained(directory, **kwargs)
-
-
-__all__ = ["from_gpt2", "save_gpt2", "to_gpt2"]
+def save_gpt2(model: NanoGPTForCausalLM, directory: str) -> None:  # a folder stock transformers loads as is
+    to_gpt2(model).save_pretrained(directory)

@@ -35,8 +35,7 @@ def resolve_device_type(setting: str) -> str:  # auto | cpu | cuda | cuda:N -> "
 
 
 def compile_by_default(device_type: str) -> bool:
-    # on CUDA where inductor can build kernels (Triton, compute capability >= 7.0); a CPU gains little for ~20 s
-    return device_type == "cuda" and torch.utils._triton.has_triton()
+    return device_type == "cuda" and torch.utils._triton.has_triton()  # a CPU gains little for ~20 s of compiling
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:

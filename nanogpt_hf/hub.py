@@ -27,16 +27,15 @@ HOW_TO_LOAD = {"gpt2": ("A stock GPT-2 (`GPT2LMHeadModel`): plain transformers l
 
 def write_model_card(folder: str, info: dict) -> None:
     """Write README.md into a folder holding config.json. info (all optional): repo_id, title, source (a sentence),
-    recipe, dataset (str or list), base_model, license, tags, settings, steps, tokens_seen, *_loss; and loss.png."""
+    recipe, dataset, base_model, license, tags, settings, steps, tokens_seen, *_loss; and loss.png."""
     config, ref = AutoConfig.from_pretrained(folder), info.get("repo_id") or PLACEHOLDER
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()  # as nanoGPT counts
-    datasets = [info["dataset"]] if isinstance(info.get("dataset"), str) else info.get("dataset") or []
     data = ModelCardData(  # Hub ids only: a local path would publish the user's file system
         library_name="transformers", pipeline_tag="text-generation", license=info.get("license"),
         tags=list(dict.fromkeys(["nanogpt", "gpt2", "text-generation", *info.get("tags", [])])),
-        datasets=[d for d in datasets if is_hub_id(d)] or None,
+        datasets=[info["dataset"]] if is_hub_id(info.get("dataset")) else None,
         base_model=info.get("base_model") if is_hub_id(info.get("base_model")) else None)
     arch = {"model": config.architectures[0], "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "width": config.hidden_size, "context": config.max_position_embeddings, "vocabulary": config.vocab_size,
@@ -72,8 +71,7 @@ def check_repo_id(repo_id: str, default_from: str = "") -> None:
         raise UserError(f"{what} '{repo_id}' is invalid ({first_line(exc)}); set --hub_model_id=user/name") from None
 
 
-def snapshot(folder: str) -> str:
-    """A hidden copy, beside the folder, of its top-level files (not state/, not hidden files)."""
+def snapshot(folder: str) -> str:  # a hidden copy, beside the folder, of its top-level non-hidden files (not state/)
     names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")]
     copy = tempfile.mkdtemp(prefix=".hub-upload-", dir=os.path.dirname(os.path.abspath(folder)))
     for name in names:
@@ -104,8 +102,8 @@ class HubPusher:
     """Pushes out_dir in the background: once in finish() ("end"), at saves that improved the val loss ("best"), or
     at every save ("every_save"). An upload still queued when a newer push comes is skipped."""
 
-    def __init__(self, repo_id: str, private: bool = False, strategy: str = "end", token: str | None = None):
-        self.api, self.repo_id, self.private, self.strategy = HfApi(token=token), repo_id, private, strategy
+    def __init__(self, repo_id: str, private: bool = False, strategy: str = "end"):
+        self.api, self.repo_id, self.private, self.strategy = HfApi(), repo_id, private, strategy
         self.jobs, self.latest = [], None
 
     def on_save(self, folder: str, message: str, improved: bool = False) -> None:
@@ -113,7 +111,6 @@ class HubPusher:
             self.push(folder, message)
 
     def finish(self, folder: str, message: str) -> None:
-        """Push at the end if the strategy says so, then wait for every upload."""
         if self.strategy == "end":
             self.push(folder, message)
         wait(self.jobs)

@@ -1,18 +1,14 @@
 """sample.py: generate text from a trained model, nanoGPT's options on top of transformers' model.generate.
 
-What differs from nanoGPT's sample.py:
-- model.generate with a KV cache: a new token costs one position of compute, not a forward over the whole context.
-- Sample k is seeded with a pure function of (seed, k): the same text whatever --num_samples. --batch draws all in
-  one left-padded call seeded with (seed, 0): reproducible too, but different text.
-- A sliding window past block_size: a too-long prompt keeps its last block_size tokens (with a note). Once a token
-  has been predicted from a full block, the context is cut to its last 3/4 block_size tokens and re-prefilled; while
-  prompt + max_new_tokens - 1 <= block_size the tokens are exactly nanoGPT's (which re-runs a full block per token).
-- The model runs in the dtype itself (bf16 weights, not autocast): one-token decoding is bound by memory traffic.
+Unlike nanoGPT: a KV cache; sample k is seeded by (seed, k) whatever --num_samples; past block_size the context is
+cut to its last 3/4 and re-prefilled (nanoGPT's tokens while prompt + max_new_tokens - 1 <= block_size); the model
+runs in the dtype itself, not autocast (decoding is memory-bound).
 """
 
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,15 +20,13 @@ from .common import UserError
 from .settings import parse_command, setting
 from .tokenization import check_known_chars
 
-KEEP_FRACTION = 0.75  # of block_size, kept when the context is full (see above)
 SEPARATOR = "---------------"
 
 
 @dataclasses.dataclass
 class SampleSettings:
     out_dir: str = setting("out", "checkpoint folder used by --init_from=resume", path=True)
-    init_from: str = setting("resume", "resume (= out_dir), a checkpoint folder, a Hub id, or gpt2 / gpt2-medium / "
-                                       "gpt2-large / gpt2-xl", path=True)
+    init_from: str = setting("resume", "resume (out_dir), a checkpoint folder or Hub id, gpt2 ... gpt2-xl", path=True)
     start: str = setting("\n", "the prompt; FILE:path reads it from a file")
     num_samples: int = setting(10, "number of samples to draw", range="[1, inf)")
     max_new_tokens: int = setting(500, "tokens generated per sample", range="[1, inf)")
@@ -40,10 +34,8 @@ class SampleSettings:
     temperature: float = setting(0.8, "1.0 = no change, < 1.0 = less random, > 1.0 = more random; for the most "
                                       "likely tokens use --greedy", range="[1e-06, inf)")
     top_k: int = setting(200, "keep only the top_k most likely tokens (0 = all)", range="[0, inf)")
-    top_p: float = setting(1.0, "nucleus sampling: keep the smallest set of tokens with this total probability",
-                           range="(0, 1]")
-    repetition_penalty: float = setting(1.0, "> 1.0 discourages repeating tokens already in the context",
-                                        range="(0, inf)")
+    top_p: float = setting(1.0, "nucleus sampling: the smallest token set with this total probability", range="(0, 1]")
+    repetition_penalty: float = setting(1.0, "> 1.0 discourages repeating tokens in the context", range="(0, inf)")
     greedy: bool = setting(False, "always take the most likely token (temperature, top_k, top_p ignored)")
     batch: bool = setting(False, "draw all samples in one batched generate call (faster; different text)")
     stream: bool = setting(False, "print tokens as they are generated")
@@ -59,12 +51,9 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0])
 
 
-def read_prompt(start: str) -> str:
-    """nanoGPT's --start: the text itself, or FILE:path for the contents of a file."""
-    if not start.startswith("FILE:"):
-        return start
-    with open(os.path.expanduser(start[len("FILE:"):]), encoding="utf-8") as f:  # the shell leaves FILE:~/ as is
-        return f.read()
+def read_prompt(start: str) -> str:  # nanoGPT's --start: the text itself, or FILE:path for a file's contents
+    path = os.path.expanduser(start.removeprefix("FILE:"))  # the shell leaves FILE:~/ as is
+    return Path(path).read_text(encoding="utf-8") if start.startswith("FILE:") else start
 
 
 def block_size_of(model) -> int:
@@ -72,7 +61,7 @@ def block_size_of(model) -> int:
 
 
 def window_keep(block_size: int) -> int:
-    return max(1, int(block_size * KEEP_FRACTION))  # the recent tokens kept when the context overflows
+    return max(1, int(block_size * 0.75))  # the recent tokens kept when the context overflows: 3/4 of a block
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +101,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 def generation_kwargs(tokenizer, temperature: float = 0.8, top_k: int = 200, top_p: float = 1.0,
                       repetition_penalty: float = 1.0, greedy: bool = False, stop_at_eot: bool = False) -> dict:
-    """Arguments for model.generate, every one explicit: unset ones come from the model's generation_config and
-    generate's own defaults (top_k=50!)."""
+    """Arguments for model.generate, all explicit (unset ones come from generation_config, or generate's top_k=50)."""
     eot = tokenizer.eos_token_id if stop_at_eot else None
     sampling = {} if greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)  # top_k=0: no top-k
-    # eos: an empty list, not None, which would stop at the model's eos_token_id; the pad id only fills a
-    # left-padded batch, which the attention mask hides
+    # eos: [], not None (the model's eos_token_id); pad only fills a left-padded batch, which the mask hides
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eot or 0)
     return dict(do_sample=not greedy, **sampling, repetition_penalty=repetition_penalty,
                 eos_token_id=[] if eot is None else [eot], pad_token_id=pad)
@@ -128,12 +115,9 @@ def until_eot(ids: list[int], eos: list[int]) -> list[int]:
 
 
 def encode_prompt(tokenizer, prompt: str, block_size: int) -> list[int]:
-    """The prompt's ids. A char model refuses a character it does not know (it would be dropped); an empty prompt
-    starts from the beginning-of-text token (GPT-2's unconditional samples); a too-long one keeps its last block_size
-    tokens, as nanoGPT crops, and says so."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and type(backend.model).__name__ == "WordLevel":  # a character vocabulary
-        check_known_chars(tokenizer, prompt)
+    """The prompt's ids: unknown characters refused, an empty prompt as the beginning-of-text token (GPT-2's
+    unconditional samples), a too-long one cropped to its last block_size tokens (as nanoGPT), with a note."""
+    check_known_chars(tokenizer, prompt)
     ids = tokenizer(prompt)["input_ids"] if prompt else []
     if not ids and tokenizer.bos_token_id is None:
         raise UserError("the prompt is empty and this tokenizer has no beginning-of-text token; give --start=TEXT")
@@ -145,10 +129,9 @@ def encode_prompt(tokenizer, prompt: str, block_size: int) -> list[int]:
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int = 200, seed: int | None = 1337, stop_at_eot: bool = False) -> str:
+                  top_k: int = 200, seed: int = 1337, stop_at_eot: bool = False) -> str:
     """One sample of prompt + continuation, in the model's dtype and device (training's end-of-run sample)."""
-    if seed is not None:
-        torch.manual_seed(sample_seed(seed, 0))
+    torch.manual_seed(sample_seed(seed, 0))
     ids = encode_prompt(tokenizer, prompt, block_size_of(model))
     kwargs = generation_kwargs(tokenizer, temperature=temperature, top_k=top_k, stop_at_eot=stop_at_eot)
     was_training = model.training
@@ -159,9 +142,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temp
 
 
 class Printer(TextStreamer):
-    """Prints tokens as they come. generate_ids calls generate once per window chunk, and each call ends the stream:
-    end() only marks the next call's prompt as not to be printed, keeping the bytes of a character split between
-    chunks; finish() flushes them. It never adds a newline of its own."""
+    """Prints tokens as they come; end() (once per generate call) keeps a split character; finish() flushes."""
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
         print(text, end="", flush=True)
@@ -173,15 +154,13 @@ class Printer(TextStreamer):
         super().end()
 
 
-def compile_kwargs(device: torch.device) -> dict:
-    """--compile: a static cache lets generate compile one decoding step and reuse it."""
+def compile_kwargs(device: torch.device) -> dict:  # --compile: a static cache, one compiled decoding step
     config = CompileConfig(fullgraph=False, mode="default" if device.type == "cpu" else "reduce-overhead")
     config._compile_all_devices = device.type != "cuda"  # else transformers compiles on accelerators only
     return dict(cache_implementation="static", compile_config=config)
 
 
-def load(s: SampleSettings):
-    """(model, tokenizer, device) for the settings: the model in the chosen dtype, on the chosen device."""
+def load(s: SampleSettings):  # (model in the chosen dtype on the chosen device, tokenizer, device)
     device_type = hardware.resolve_device_type(s.device)
     device = torch.device(device_type if s.device == "auto" else s.device)
     dtype = hardware.torch_dtype(hardware.resolve_mixed_precision(s.dtype, device_type))
@@ -205,24 +184,17 @@ def main(argv: list[str] | None = None) -> None:
                                s.stop_at_eot)
     if s.stop_at_eot and not kwargs["eos_token_id"]:
         raise UserError("--stop_at_eot: this tokenizer has no end-of-text token (a character vocabulary has none)")
-    if s.compile:
-        kwargs.update(compile_kwargs(device))
-    if s.batch:
-        torch.manual_seed(sample_seed(s.seed, 0))
-        input_ids, mask = left_pad([ids] * s.num_samples, kwargs["pad_token_id"], device)
-        for row in generate_ids(model, input_ids, mask, s.max_new_tokens, **kwargs).tolist():
-            print(prompt + tokenizer.decode(until_eot(row, kwargs["eos_token_id"])), SEPARATOR, sep="\n")
-        return
-    for k in range(s.num_samples):
+    kwargs.update(compile_kwargs(device) if s.compile else {})
+    rows = s.num_samples if s.batch else 1  # per call: all samples at once, or one at a time
+    for k in range(s.num_samples // rows):
         torch.manual_seed(sample_seed(s.seed, k))
-        input_ids = torch.tensor([ids], device=device)
+        input_ids, mask = left_pad([ids] * rows, kwargs["pad_token_id"], device)
         if s.stream:
             print(prompt, end="", flush=True)
             streamer = Printer(tokenizer, skip_prompt=True, skip_special_tokens=s.stop_at_eot)
-            generate_ids(model, input_ids, None, s.max_new_tokens, streamer=streamer, **kwargs)
+            generate_ids(model, input_ids, mask, s.max_new_tokens, streamer=streamer, **kwargs)
             streamer.finish()
-            print()
+            print(f"\n{SEPARATOR}")
         else:
-            new = generate_ids(model, input_ids, None, s.max_new_tokens, **kwargs)
-            print(prompt + tokenizer.decode(until_eot(new[0].tolist(), kwargs["eos_token_id"])))
-        print(SEPARATOR)
+            for row in generate_ids(model, input_ids, mask, s.max_new_tokens, **kwargs).tolist():
+                print(prompt + tokenizer.decode(until_eot(row, kwargs["eos_token_id"])), SEPARATOR, sep="\n")

@@ -1,14 +1,8 @@
 """Tokenizers, offline: GPT-2 BPE (tiktoken, and a transformers tokenizer with the same ids) and characters.
 
-GPT-2 BPE: the r50k rank file ships in assets/gpt2.tiktoken, checked by tiktoken against its published sha256.
-`gpt2_encoding()` (tiktoken, ~5x faster) prepares data with encode_ordinary, as nanoGPT: a literal "<|endoftext|>"
-in raw text is ordinary text, and only the EOT appended after each document is 50256. `gpt2_tokenizer()` (the
-transformers view, saved beside checkpoints for AutoTokenizer, pipeline() and the Hub) maps the literal text to
-50256 as HF's gpt2 does: its ids equal tiktoken's encode(text, allowed_special="all").
-
-Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1. A plain
-`tokenizers` pipeline that AutoTokenizer loads with no custom code; decode(encode(text)) == text. Characters outside
-the vocabulary are dropped (never an id the model has not seen); check_known_chars refuses them instead.
+GPT-2: the r50k ranks ship in assets/ (sha256-checked); data is prepared with tiktoken's encode_ordinary, as nanoGPT
+(only the EOT after each document is 50256); gpt2_tokenizer() maps a literal "<|endoftext|>" to 50256, as HF's gpt2.
+Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1.
 """
 
 import functools
@@ -33,7 +27,7 @@ GPT2_VOCAB_SIZE = 50257
 
 @functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's "gpt2" encoding from the shipped ranks (a damaged file fails its hash). "Hello world" -> [15496, 995]."""
+    """tiktoken's "gpt2" encoding from the shipped ranks (hash-checked). "Hello world" -> [15496, 995]."""
     ranks = load_tiktoken_bpe(GPT2_RANKS_PATH, expected_hash=GPT2_RANKS_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
                              special_tokens={GPT2_EOT_TEXT: GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
@@ -66,13 +60,18 @@ def char_tokenizer_from_stoi(stoi: dict[str, int]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
 
 
-def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
-    """A character tokenizer over sorted(set(text)): nanoGPT's shakespeare_char ids."""
+def char_tokenizer(text: str) -> PreTrainedTokenizerFast:  # over sorted(set(text)): nanoGPT's shakespeare_char ids
     return char_tokenizer_from_stoi({c: i for i, c in enumerate(sorted(set(text)))})
+
+
+def is_char_tokenizer(tok) -> bool:  # a WordLevel vocabulary of characters
+    return isinstance(getattr(getattr(tok, "backend_tokenizer", None), "model", None), models.WordLevel)
 
 
 def check_known_chars(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
     """Raise UserError naming the first character of `text` that a character tokenizer does not know."""
+    if not is_char_tokenizer(tokenizer):  # other tokenizers encode any text
+        return
     vocab = tokenizer.get_vocab()
     for i, c in enumerate(text):
         if c not in vocab:
@@ -82,16 +81,14 @@ def check_known_chars(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
 
 def tokenizer_kind(tok) -> str:
     """"char" (a WordLevel vocabulary of characters) or "gpt2" (50257 tokens, <|endoftext|> = 50256)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None and isinstance(backend.model, models.WordLevel):
+    if is_char_tokenizer(tok):
         return "char"
     if len(tok) == GPT2_VOCAB_SIZE and tok.convert_tokens_to_ids(GPT2_EOT_TEXT) == GPT2_EOT:
         return "gpt2"
     raise UserError(f"unknown tokenizer {type(tok).__name__} with {len(tok)} tokens; expected GPT-2 BPE or char")
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """AutoTokenizer.from_pretrained(path) for a local folder saved with save_pretrained."""
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:  # of a local folder saved with save_pretrained
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise UserError(f"'{path}' holds no tokenizer.json: pass a folder saved with save_pretrained")
     return AutoTokenizer.from_pretrained(path)

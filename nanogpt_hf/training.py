@@ -58,8 +58,7 @@ def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_d
 
 def configure_optimizer(model, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                         device_type: str) -> torch.optim.AdamW:
-    """nanoGPT's AdamW: weight decay on every 2-D tensor (matmul weights, embeddings), none on biases and norms;
-    fused (one kernel per tensor instead of about ten) on CUDA and CPU."""
+    """nanoGPT's AdamW: weight decay on 2-D tensors only (not biases, norms); fused: one kernel per tensor."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -67,9 +66,8 @@ def configure_optimizer(model, weight_decay: float, learning_rate: float, betas:
 
 
 def prepare_model(accelerator, model, optimizer):
-    """accelerator.prepare, without the wrapper it puts around forward for mixed precision: it also copies every
-    output to float32, and the (B, T, vocab) logits copy was pure cost (3.5-5% of a GPT-2 124M step on an H200).
-    Every forward of training and evaluation runs under accelerator.autocast() instead."""
+    """accelerator.prepare, without its mixed-precision forward wrapper: it copied the (B, T, vocab) logits to fp32 (3.5-5%
+    of a GPT-2 124M step on an H200). Every forward runs under accelerator.autocast() instead."""
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)  # (DDP, FSDP1 unwrapped) what accelerate patched, if it did
     if inner.__dict__.pop("_original_forward", None) is not None:
@@ -98,9 +96,8 @@ def train_step(accelerator, model, optimizer, micro_batches, lr: float, grad_cli
 
 
 def micro_batches(stream, s: TrainSettings, step: int, rank: int, world: int, device) -> list[tuple]:
-    """This process's share of step `step`: the step's rows are those of micro-batches 0..G-1 (G =
-    gradient_accumulation_steps, each a pure function of (seed, step, index)); process r takes the r-th of `world`
-    equal slices, in micro-batches of b rows. 1 process x G micro-batches sees what N processes see together."""
+    """This process's share of a step: the rows of micro-batches 0..G-1 (gradient_accumulation_steps, each a pure
+    function of (seed, step, index)) cut into `world` equal slices: N processes see together what 1 process sees."""
     rows = s.batch_size * s.gradient_accumulation_steps // world  # rows per process
     b = math.gcd(rows, s.batch_size)  # micro-batch size: divides both, so no micro-batch straddles two
     out = []
@@ -176,8 +173,7 @@ def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
         keep_freed_memory()  # a quarter of a CPU step was page faults
     else:  # as nanoGPT: float32 matmuls on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    trackers = [t for t in s.log_with.split(",") if t] + (["wandb"] if s.wandb_log and "wandb" not in s.log_with
-                                                          else [])
+    trackers = [t for t in s.log_with.split(",") if t] + ["wandb"] * (s.wandb_log and "wandb" not in s.log_with)
     for t in trackers:  # accelerate skips a tracker that is not installed, silently
         if t not in ("wandb", "tensorboard") or not importlib.util.find_spec(t):
             raise UserError(f"log_with: the tracker '{t}' is unknown or not installed: use wandb and/or tensorboard "
@@ -397,6 +393,8 @@ def evaluate(run: Run, progress) -> None:
             run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=losses["train"],
                             val_loss=losses["val"], best_val_loss=run.best_val_loss)
             run.ckpt.save_model(run.model, run.tokenizer, run.card)
+            if run.metrics is not None:  # nanoGPT says so too
+                progress.write(f"saved the model to {s.out_dir}")
             if run.pusher:  # uploads in the background; a failure prints one line and training goes on
                 run.pusher.on_save(s.out_dir, f"step {run.step}: val loss {losses['val']:.4f}", improved)
         save_state(run, evaluated=True)
@@ -441,10 +439,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         evaluate(run, None)
         end_training(acc)
         return 0
-    progress = tqdm(total=s.max_iters, initial=run.step, desc="training", disable=not acc.is_main_process,
-                    dynamic_ncols=True)
     exit_code = 0
-    with StopSignals(acc) as stop, progress:
+    with StopSignals(acc) as stop, tqdm(total=s.max_iters, initial=run.step, desc="training",
+                                        disable=not acc.is_main_process, dynamic_ncols=True) as progress:
         while True:
             # evaluate (and save) at every eval_interval and after the last step
             if (run.step % s.eval_interval == 0 or run.step == s.max_iters) and not run.evaluated:

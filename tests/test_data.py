@@ -24,7 +24,7 @@ from nanogpt_hf.data import (
     sample_batch,
     sequential_windows,
 )
-from nanogpt_hf.errors import UserError
+from nanogpt_hf.common import UserError
 from nanogpt_hf.tokenization import GPT2_EOT, gpt2_encoding, load_tokenizer, tokenizer_kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -500,7 +500,7 @@ def test_open_dataset_and_training_checks(prepared, corpus, tmp_path):
     with pytest.raises(UserError, match="larger than the model's vocab_size"):
         check_compatible(ds.meta, model_vocab_size=65, block_size=8)
     with pytest.raises(UserError, match="fewer than block_size"):
-        check_compatible(ds, model_vocab_size=50304, block_size=1024)
+        check_compatible(ds.meta, model_vocab_size=50304, block_size=1024)
     with pytest.raises(UserError, match="fewer than block_size"):
         sample_batch(ds.stream("val"), seed=0, step=0, index=0, batch_size=1, block_size=10_000)
 

@@ -704,8 +704,9 @@ def test_wandb_offline_tracker(char_data, tmp_path, monkeypatch):
 
 
 def test_two_processes_match_one_process(char_data, tmp_path):
-    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2: the ranks end with identical weights,
-    and their losses equal a one-process run with the same global batch (2 micro-batches) within 1e-5."""
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 with one micro-batch per step (as the
+    demo recipes): each process takes half of its rows; the ranks end with identical weights, and their losses equal
+    a one-process run's within 1e-5."""
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
@@ -724,7 +725,7 @@ def test_two_processes_match_one_process(char_data, tmp_path):
         "sys.exit(code)\n"
     )
     args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-            "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4",
+            "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=4", "--eval_interval=4",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
             "--dtype=float32", "--device=cpu", "--sample_at_end=false", "--backend=gloo"]  # one process ignores it
     env = cpu_processes_env()
