@@ -3,10 +3,8 @@
     out_dir/                  the best (or latest) model: a save_pretrained folder, from_pretrained(out_dir) works
     out_dir/state/step-N/     accelerator.save_state (weights, optimizer, RNG of every process) + trainer_state.json,
                               config.json and the tokenizer (so a state is also a checkpoint); the newest `keep` kept
-    out_dir/metrics.jsonl, loss.png, train_config.yaml
 
-Every save goes through common.atomic_output: a state folder appears complete or not at all, and the model files
-are moved into out_dir one by one, weights last.
+Every save goes through common.atomic_output: a state appears complete or not at all; model files move in weights last.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Console scripts, and the one place where mistakes become one line: `error: ...` on stderr, exit status 2.
 
 Our own checks raise UserError. Ordinary mistakes that the libraries find first (a missing or unreadable file, bad
-JSON or YAML, a damaged safetensors file, a Hub or datasets error, an impossible config value) arrive here as the
-library's exception and are printed the same way, with the library's first line (it names the file and the
-reason). Set NANOGPT_DEBUG=1 to see their tracebacks. Anything else is our bug and keeps its traceback.
+JSON or YAML, a damaged safetensors file, a Hub or datasets error, an impossible config value) arrive as the
+library's exception and are printed the same way (NANOGPT_DEBUG=1 shows their tracebacks). Anything else is our bug.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """What every command shares: the user-error type, the one way to write output atomically, and naming rules.
 
 - UserError: a mistake the user can fix; the CLI prints its message as one `error:` line and exits 2.
-- atomic_output(path): every file or folder we write appears complete or not at all, and a failed write leaves the
-  earlier version as it was.
+- atomic_output(path): what we write appears complete or not at all; a failed write leaves the earlier version.
 - is_hub_id(ref): the one rule for "local path or Hub id"; GPT2_NAMES: OpenAI's checkpoints on the Hub.
 """
 

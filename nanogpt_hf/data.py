@@ -161,9 +161,10 @@ def tokenize_batch(batch, column: str, dtype: str, lut: np.ndarray | None = None
         codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
         return list_table([len(t) for t in texts], lut[codepoints].astype(dtype))
     docs = gpt2_encoding().encode_ordinary_batch(texts, num_threads=num_threads)
-    lengths = np.array([len(ids) for ids in docs], dtype=np.int64)
-    ids = np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=int(lengths.sum()))
-    return list_table(lengths + 1, np.insert(ids, np.cumsum(lengths), GPT2_EOT))  # EOT after each document
+    for ids in docs:
+        ids.append(GPT2_EOT)  # after each document
+    lengths = [len(ids) for ids in docs]
+    return list_table(lengths, np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(lengths)))
 
 
 def tokenizing(cfg: PrepareSettings, ds) -> tuple:
@@ -384,8 +385,10 @@ def _xy(stream: TokenStream, block_size: int, starts: np.ndarray | None = None, 
     if len(stream) < block_size + 1:
         raise UserError(f"the {stream.split} split has {len(stream)} tokens, fewer than block_size + 1")
     starts = rng.integers(0, len(stream) - block_size, size=batch_size) if starts is None else starts
-    w = torch.from_numpy(np.stack([stream.window(int(s), block_size + 1) for s in starts]).astype(np.int64))
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
+    w = np.empty((len(starts), block_size + 1), dtype=np.int64)  # one copy of each window, straight into int64
+    for row, start in enumerate(starts):
+        w[row] = stream.window(int(start), block_size + 1)
+    return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(w[:, 1:].copy())  # (B, T), (B, T)
 
 
 def sample_batch(stream: TokenStream, *, seed: int, step: int, index: int, batch_size: int, block_size: int):

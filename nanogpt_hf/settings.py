@@ -1,8 +1,7 @@
 """Typed settings: one dataclass per command, YAML recipes, `--key=value` overrides, `--help`, typo hints.
 
-Each field declares its default, help text and (optionally) the range of values it allows; `parse_command` applies
-the recipe(s) then the command line, converting every value to the field's type, and `validate` checks the ranges
-once. Mistakes raise UserError with one line naming the setting and the fix.
+Each field declares its default, help text and allowed range; `parse_command` applies the recipe(s), then the command
+line, converting each value to the field's type; `validate` checks the ranges. Mistakes are one-line UserErrors.
 """
 
 from __future__ import annotations
@@ -157,26 +156,21 @@ def parse_command(cls: type, argv: list[str] | None, prog: str, description: str
     setting given by a named recipe or on the command line to its final value (a resume keeps the others).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("[RECIPE.yaml ...] " if recipes else "") + (f"[{positional.upper()}] " if positional else "") + \
-        "[--key=value ...]"
-    if "-h" in argv or "--help" in argv:
-        named = [a for a in argv if recipes and a.endswith((".yaml", ".yml"))] or \
-            ([default_recipe] if default_recipe else [])
-        defaults = cls()
-        for path in named:
-            defaults = apply(defaults, load_recipe(path))
-        print_help(defaults, prog, usage, description, epilog, named)
+    recipe_paths, bare, overrides = split_argv([a for a in argv if a not in ("-h", "--help")], cls, recipes)
+    base = recipe_paths or ([default_recipe] if default_recipe else [])
+    obj, explicit = cls(), {}
+    for path in base:
+        values = load_recipe(path)
+        obj = apply(obj, values)
+        explicit.update(values if recipe_paths else {})
+    if "-h" in argv or "--help" in argv:  # the defaults shown are the recipes' values
+        usage = ("[RECIPE.yaml ...] " if recipes else "") + (f"[{positional.upper()}] " if positional else "")
+        print_help(obj, prog, usage + "[--key=value ...]", description, epilog, base)
         raise SystemExit(0)
-    recipe_paths, bare, overrides = split_argv(argv, cls, recipes)
     if bare and (positional is None or len(bare) > 1):
         raise UserError(f"unexpected argument '{bare[-1]}'; settings are --key=value (quote a glob: '*.txt')")
     if bare:
         overrides.setdefault(positional, bare[0])
-    obj, explicit = cls(), {}
-    for path in recipe_paths or ([default_recipe] if default_recipe else []):
-        values = load_recipe(path)
-        obj = apply(obj, values)
-        explicit.update(values if recipe_paths else {})
     obj = apply(obj, overrides)
     explicit.update(overrides)
     return validate(obj), {k: getattr(obj, k) for k in (name.replace("-", "_") for name in explicit)}

@@ -32,11 +32,10 @@ from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .settings import TrainSettings, parse_command, save_yaml
 
-DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings come from nanoGPT's defaults (its GPT-2 124M
-run), then RECIPE.yaml files, then --key=value overrides. With no recipe, default.yaml (the shakespeare_char_cpu
-demo on the shipped corpus) is the recipe: the defaults below are its values.
-Tokens per optimizer step = batch_size x gradient_accumulation_steps x block_size, whatever the number of
-processes (each of N processes takes 1/N of the step's rows)."""
+DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings: nanoGPT's defaults (its GPT-2 124M run), then
+RECIPE.yaml files, then --key=value overrides; with no recipe, default.yaml (the shakespeare_char_cpu demo on the
+shipped corpus), whose values the defaults below show. Tokens per optimizer step = batch_size x
+gradient_accumulation_steps x block_size, whatever the number of processes (each takes 1/N of the step's rows)."""
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resume cannot change these
@@ -337,7 +336,7 @@ def start_records(run: Run, data) -> None:
     s, main = run.s, run.accelerator.is_main_process
     settings = run.record["settings"]
     hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
-    if run.accelerator.trackers is not None and run.accelerator.log_with:
+    if run.accelerator.log_with:
         try:
             run.accelerator.init_trackers(s.wandb_project, config=settings,
                                           init_kwargs={"wandb": {"name": s.wandb_run_name}})
