@@ -17,6 +17,7 @@ import re
 
 import torch
 from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
 
 from .common import GPT2_NAMES, UserError, atomic_output, first_line, is_hub_id, remove
 
@@ -81,8 +82,8 @@ def read_trainer_state(path: str) -> dict:
 def damaged(path: str, exc: Exception) -> UserError:
     """A resumable state that cannot be read, named with the state to fall back on."""
     older = [p for _, p in state_dirs(os.path.dirname(os.path.dirname(path))) if p != path]
-    fix = f"delete it to resume from {older[-1]}" if older else "no older state is left to resume from"
-    return UserError(f"the state {path} is damaged ({first_line(exc)}); {fix}")
+    fix = f"if it is damaged, delete it to resume from {older[-1]}" if older else "no older state is left"
+    return UserError(f"the state {path} cannot be loaded ({first_line(exc)}); {fix}")
 
 
 def state_dirs(out_dir: str) -> list[tuple[int, str]]:
@@ -103,7 +104,7 @@ def saving(what: str, path: str):
     the previous checkpoint as it was."""
     try:
         yield
-    except Exception as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:  # what os, torch.save and safetensors raise
         raise UserError(f"could not save the {what} to {path} ({type(exc).__name__}: {first_line(exc)}); the "
                         "previous checkpoint is intact: free some disk space or fix the permissions, then resume "
                         "with --init_from=resume") from None
@@ -116,24 +117,23 @@ class Checkpointer:
         self.accelerator, self.out_dir, self.keep = accelerator, out_dir, keep
         self.main = accelerator.is_main_process
 
-    def latest(self) -> str | None:
-        return latest_state(self.out_dir)
-
     def save_model(self, model, tokenizer, card: dict) -> None:
         """The model folder (save_pretrained + tokenizer + loss.png + model card). Called on every process: under
         FSDP, gathering the full weights is a collective."""
         from .hub import write_model_card
         from .modeling_nanogpt import NanoGPTForCausalLM
 
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper would prefix every key with _orig_mod.
         full = self.accelerator.get_state_dict(model)  # gathered under FSDP; the plain state dict otherwise
-        raw = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        raw = self.accelerator.unwrap_model(model)
         if not self.main:
             return
         for tied in NanoGPTForCausalLM._tied_weights_keys:  # gathered tensors no longer share storage
             full.pop(tied, None)
         if type(raw) is not NanoGPTForCausalLM:  # FSDP2's fully_shard swapped its class: save as ours
             with torch.device("meta"):
-                raw = NanoGPTForCausalLM(raw.config)
+                ours = NanoGPTForCausalLM(raw.config)
+            ours.generation_config, raw = raw.generation_config, ours
         with saving("model", self.out_dir), atomic_output(self.out_dir, merge=True) as tmp:
             raw.save_pretrained(tmp, state_dict=full)
             tokenizer.save_pretrained(tmp)
@@ -146,8 +146,10 @@ class Checkpointer:
     def save_state(self, trainer_state: dict, config, tokenizer) -> str:
         """accelerator.save_state into out_dir/state/step-N, atomically; every process writes its part."""
         final = os.path.join(self.out_dir, STATE_DIR, f"step-{trainer_state['step']}")
-        with saving("training state", final), atomic_output(final) if self.main else contextlib.nullcontext() as tmp:
-            tmp = broadcast_object_list([tmp])[0] if self.accelerator.num_processes > 1 else tmp
+        output = atomic_output(final) if self.main else contextlib.nullcontext()  # the others learn its path below
+        with saving("training state", final), output as tmp:
+            if self.accelerator.num_processes > 1:
+                tmp = broadcast_object_list([tmp])[0]
             self.accelerator.save_state(tmp)
             if self.main:
                 config.to_json_file(os.path.join(tmp, "config.json"))
@@ -168,10 +170,6 @@ class Checkpointer:
         for name in os.listdir(root) if os.path.isdir(root) else []:
             if name.startswith("."):
                 remove(os.path.join(root, name))
-
-    def discard_states(self) -> None:
-        for _, path in state_dirs(self.out_dir):
-            remove(path)
 
     def load_state(self, path: str) -> None:
         """Weights, optimizer and RNG of every process; a damaged state is refused in one line naming it."""

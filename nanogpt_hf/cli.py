@@ -36,8 +36,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except Exception as exc:
         if os.environ.get("NANOGPT_DEBUG") or not isinstance(exc, library_errors()):
             raise
-        text = " ".join([str(exc) or type(exc).__name__, *getattr(exc, "__notes__", [])][:2]).split()
-        text = " ".join(text)  # a library message on one line, with its location (a YAML line, the file loaded)
+        # the library's message on one line, with its location (a YAML line, the checkpoint being loaded)
+        text = " ".join(" ".join([str(exc) or type(exc).__name__, *getattr(exc, "__notes__", [])][:2]).split())
         print(f"error: {text[:400]} ({type(exc).__name__})", file=sys.stderr)
         return 2
 

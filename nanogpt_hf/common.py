@@ -49,13 +49,6 @@ def fsync_tree(path: str) -> None:
     _fsync(path)
 
 
-def _leftovers(path: str) -> list[str]:
-    """Temporary siblings of `path` left by a process killed while writing it."""
-    parent, base = os.path.split(os.path.abspath(path))
-    prefix = (f".{base}.tmp-", f".{base}.old-")
-    return [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix)] if os.path.isdir(parent) else []
-
-
 def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -66,26 +59,28 @@ def remove(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str, merge: bool = False):
-    """Yield a temporary sibling of `path` to write into (a file or a folder, not yet created: open(), save_pretrained
-    or save_to_disk create it); when the block ends, flush it and rename it into place. An exception removes the temporary and leaves `path` as it was.
+    """Yield a temporary path to write a file or folder into (not yet created: open(), save_pretrained or save_to_disk
+    create it); when the block ends, flush it and rename it into place. An exception leaves `path` as it was.
 
-    A folder that exists is moved aside, replaced, then deleted. merge=True instead moves the new entries into the
-    existing folder one by one, weights (*.safetensors) last, keeping what else it holds (a run's out_dir: states,
-    metrics). A symlink at `path` stays a link: what it points to is replaced. Leftovers of a killed writer (one
-    writer per path at a time) are removed first.
+    The temporary is a sibling of `path`: an existing folder is moved aside, replaced, then deleted. With merge=True
+    it lies inside the folder (same file system, even for a mount point) and its entries are moved in one by one,
+    weights (*.safetensors) last, keeping what else the folder holds (a run's out_dir: states, metrics). A symlink at
+    `path` stays a link. Leftovers of a killed writer (one writer per path at a time) are removed first.
     """
     path = os.path.realpath(path)
-    for old in _leftovers(path):
-        remove(old)
     parent, base = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
+    home, stem = (path, "") if merge else (parent, f".{base}")
+    os.makedirs(home, exist_ok=True)
+    for name in os.listdir(home):
+        if name.startswith((f"{stem}.tmp-", f"{stem}.old-")):
+            remove(os.path.join(home, name))
+    tmp = os.path.join(home, f"{stem}.tmp-{os.getpid()}")
     try:
         yield tmp
         fsync_tree(tmp)
-        if merge and os.path.isdir(path):
-            names = os.listdir(tmp)
-            for name in [n for n in names if not n.endswith(".safetensors")] + [n for n in names if n.endswith(".safetensors")]:
+        if merge:
+            names = sorted(os.listdir(tmp), key=is_weights)
+            for name in names:
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         elif os.path.isdir(tmp) and os.path.exists(path):
             old = os.path.join(parent, f".{base}.old-{os.getpid()}")
@@ -94,6 +89,10 @@ def atomic_output(path: str, merge: bool = False):
             remove(old)
         else:
             os.replace(tmp, path)  # a file, or a folder that is new
-        _fsync(parent)
+        _fsync(home)
     finally:
         remove(tmp)
+
+
+def is_weights(name: str) -> bool:
+    return name.endswith(".safetensors")

@@ -138,7 +138,10 @@ def convert_checkpoint(source: str, out: str, force: bool, to_gpt2: bool) -> Non
     hub_id = source if is_hub_id(source) else None
     openai = hub_id is not None and hub_id.removeprefix("openai-community/") in GPT2_NAMES
     with atomic_output(out) as tmp:
-        gpt2.save_gpt2(model, tmp) if to_gpt2 else model.save_pretrained(tmp)
+        if to_gpt2:
+            gpt2.save_gpt2(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.isfile(os.path.join(source, "loss.png")):

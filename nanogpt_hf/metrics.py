@@ -21,7 +21,8 @@ class MetricsLog:
 
     def __init__(self, path: str, resume_step: int | None = None):
         self.path = path
-        kept = [e for e in read_metrics(path) if e["iter"] <= resume_step] if resume_step and os.path.exists(path) else []
+        resumed = resume_step and os.path.exists(path)
+        kept = [e for e in read_metrics(path) if e["iter"] <= resume_step] if resumed else []
         with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(e) + "\n" for e in kept)
 

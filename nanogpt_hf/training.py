@@ -65,8 +65,8 @@ def configure_optimizer(model, weight_decay: float, learning_rate: float, betas:
 
 
 def prepare_model(accelerator, model, optimizer):
-    """accelerator.prepare, without its mixed-precision forward wrapper: it copied the (B, T, vocab) logits to fp32 (3.5-5%
-    of a GPT-2 124M step on an H200). Every forward runs under accelerator.autocast() instead."""
+    """accelerator.prepare, without its mixed-precision forward wrapper: it copied the (B, T, vocab) logits to fp32
+    (3.5-5% of a GPT-2 124M step on an H200). Every forward runs under accelerator.autocast() instead."""
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)  # (DDP, FSDP1 unwrapped) what accelerate patched, if it did
     if inner.__dict__.pop("_original_forward", None) is not None:
@@ -136,7 +136,7 @@ def estimate_loss(model, streams: dict, s: TrainSettings, accelerator) -> dict[s
 
 def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[TrainSettings, str, list[str]]:
     """A resumed run's settings: the saved ones, with what the user set explicitly. Architecture changes are refused;
-    other changes (learning rate, max_iters, dataset, ...) are allowed and announced. Returns (settings, state, notes)."""
+    other changes (learning rate, max_iters, dataset...) are allowed and announced. Returns (settings, state, notes)."""
     state = latest_state(out_dir)
     if state is None:
         raise UserError(f"init_from=resume but {out_dir} holds no resumable state (state/step-N); start the run "
@@ -172,7 +172,9 @@ def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
         keep_freed_memory()  # a quarter of a CPU step was page faults
     else:  # as nanoGPT: float32 matmuls on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    trackers = [t for t in s.log_with.split(",") if t] + ["wandb"] * (s.wandb_log and "wandb" not in s.log_with)
+    trackers = [t for t in s.log_with.split(",") if t]
+    if s.wandb_log and "wandb" not in trackers:  # nanoGPT's switch
+        trackers.append("wandb")
     for t in trackers:  # accelerate skips a tracker that is not installed, silently
         if t not in ("wandb", "tensorboard") or not importlib.util.find_spec(t):
             raise UserError(f"log_with: the tracker '{t}' is unknown or not installed: use wandb and/or tensorboard "
@@ -209,7 +211,9 @@ def check_same_tokenizer(theirs, data, name: str) -> None:
     """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean."""
     from .tokenization import tokenizer_kind
 
-    kind = tokenizer_kind(theirs) if theirs is not None else "gpt2"
+    if theirs is None:  # a checkpoint saved without its tokenizer: nothing to compare
+        return
+    kind = tokenizer_kind(theirs)
     if kind != data.tokenizer_kind:
         raise UserError(f"{name} uses the {kind} tokenizer but dataset {data.path} was prepared with "
                         f"{data.tokenizer_kind}: prepare it with --tokenizer={kind}")
@@ -335,18 +339,17 @@ def start_records(run: Run, data) -> None:
     """Trackers, train_config.yaml, metrics.jsonl, the model card's facts and the Hub pusher."""
     s, main = run.s, run.accelerator.is_main_process
     settings = run.record["settings"]
-    hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
     if run.accelerator.log_with:
         try:
             run.accelerator.init_trackers(s.wandb_project, config=settings,
                                           init_kwargs={"wandb": {"name": s.wandb_run_name}})
         except Exception as exc:  # wandb not logged in, no network, ...: its own message names the fix
-            raise UserError(f"cannot start the tracker: {first_line(exc)} (or log offline: WANDB_MODE=offline)") \
-                from None
+            raise UserError(f"cannot start the tracker: {first_line(exc)} (or: WANDB_MODE=offline)") from None
     if main:
         os.makedirs(s.out_dir, exist_ok=True)
         save_yaml(settings, os.path.join(s.out_dir, "train_config.yaml"))
         run.metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=run.step or None)
+        hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
         run.pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub else None
     init_from = settings["init_from"]
     run.card = {"settings": settings, "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
@@ -362,8 +365,7 @@ def report(run: Run, event: dict, line: str, progress) -> None:
         run.metrics.write(event)
         progress.write(line)
     if run.accelerator.log_with:
-        prefix = "eval" if event["type"] == "eval" else "train"
-        run.accelerator.log({f"{prefix}/{k}": v for k, v in event.items() if k not in ("type", "iter")},
+        run.accelerator.log({f"{event['type']}/{k}": v for k, v in event.items() if k not in ("type", "iter")},
                             step=event["iter"])
 
 

@@ -22,6 +22,7 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nanogpt_hf.checkpoint import latest_state, read_trainer_state, state_dirs
@@ -430,7 +431,7 @@ def test_a_damaged_newest_state_is_named_with_the_state_to_fall_back_on(straight
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert f"state/step-{MAX_ITERS} is damaged" in lines[0] and f"resume from {out}/state/step-12" in lines[0]
+    assert f"state/step-{MAX_ITERS} cannot be loaded" in lines[0] and f"resume from {out}/state/step-12" in lines[0]
     assert snapshot(out) == before
 
 
@@ -458,7 +459,7 @@ def _fail_on_call(n, exc):
     ("state", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 79296 vs 79184"),
      "unexpected pos"),
     ("model", PermissionError(errno.EACCES, os.strerror(errno.EACCES)), "Permission denied"),
-    ("model", Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ("model", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
      "No space left on device"),
 ])
 def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(char_data, straight, tmp_path, monkeypatch,
@@ -697,6 +698,7 @@ def bad_inputs(w, char):
         "sample: truncated model.safetensors": (sample_main, [f"--init_from={trunc}", "--max_new_tokens=2"],
                                                 f"loading '{trunc}'"),
         "sample: missing checkpoint": (sample_main, [f"--init_from={w}/nothing"], "does not exist"),
+        "sample: nothing trained yet": (sample_main, ["--out_dir=out-not-trained"], "train a model first"),
         "sample: top_p 1.5": (sample_main, [f"--init_from={good}", "--top_p=1.5"], "top_p"),
         "sample: num_samples 0": (sample_main, [f"--init_from={good}", "--num_samples=0"], "num_samples"),
         "sample: character outside the vocabulary": (sample_main, [f"--init_from={good}", "--start=\u20ac",

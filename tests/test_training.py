@@ -308,6 +308,22 @@ def test_an_accelerate_config_with_dynamo_does_not_compile_behind_the_compile_se
     assert counters["frames"]["total"] == 0  # dynamo never ran
 
 
+def test_a_compiled_model_saves_its_own_keys(char_data, tmp_path):
+    # compile is on by default on a GPU: the saved folder held torch.compile's '_orig_mod.' keys and loaded as a
+    # freshly initialised model (from_pretrained only warns)
+    from accelerate import Accelerator
+
+    from nanogpt_hf.checkpoint import Checkpointer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(scratch_model(tiny(char_data, "unused"), open_dataset(char_data).vocab_size))
+    Checkpointer(acc, str(tmp_path), 1).save_model(torch.compile(model), open_dataset(char_data).tokenizer(), {})
+    saved = NanoGPTForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_compile_is_on_by_default_only_where_triton_can_build_kernels(monkeypatch):
     import torch.utils._triton
 
@@ -360,10 +376,13 @@ def step():
     opt.zero_grad(set_to_none=True)
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+rounds = []  # the quietest of three rounds: a busy machine's own faults are not the allocator's
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+print(min(rounds))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
