@@ -25,6 +25,8 @@ def library_errors() -> tuple[type[BaseException], ...]:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # a log file gets the commands' log lines, not progress-bar redraws
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(main(argv) or 0)
     except UserError as exc:

@@ -49,6 +49,17 @@ def fsync_tree(path: str) -> None:
     _fsync(path)
 
 
+def share(path: str) -> None:
+    """Give a file, or a folder and everything in it, the modes of what the user creates (0o777 or 0o666 less the
+    umask): a library may write owner-only (safetensors' model.safetensors: 0600), and others read checkpoints."""
+    umask = os.umask(0o077)  # reading the umask sets it: put back at once
+    os.umask(umask)
+    for p in [path] + [os.path.join(root, n) for root, dirs, files in os.walk(path) for n in dirs + files]:
+        if not os.path.islink(p):
+            with contextlib.suppress(OSError):  # a file system without modes (FAT, some mounts) keeps its own
+                os.chmod(p, (0o777 if os.path.isdir(p) or os.access(p, os.X_OK) else 0o666) & ~umask)
+
+
 def remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -60,7 +71,8 @@ def remove(path: str) -> None:
 @contextlib.contextmanager
 def atomic_output(path: str, merge: bool = False):
     """Yield a temporary path to write a file or folder into (not yet created: open(), save_pretrained or save_to_disk
-    create it); when the block ends, flush it and rename it into place. An exception leaves `path` as it was.
+    create it); when the block ends, give it the modes of anything the user creates (umask), flush it and rename it
+    into place. An exception leaves `path` as it was.
 
     The temporary is a sibling of `path`: an existing folder is moved aside, replaced, then deleted. With merge=True
     it lies inside the folder (same file system, even for a mount point) and its entries are moved in one by one,
@@ -77,6 +89,7 @@ def atomic_output(path: str, merge: bool = False):
     tmp = os.path.join(home, f"{stem}.tmp-{os.getpid()}")
     try:
         yield tmp
+        share(tmp)
         fsync_tree(tmp)
         if merge:
             names = sorted(os.listdir(tmp), key=is_weights)

@@ -4,13 +4,15 @@
     corpus --load_dataset--> documents --map(num_proc)--> ids per document --train/val split--> DIR/
 
 GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's openwebtext); char: ids into
-sorted(set(corpus)) (shakespeare_char). val: the last 10% of the tokens (shakespeare), or from 100k documents on
-0.0005 of the documents, seed 2357 (openwebtext). sample_batch is a pure function of its arguments.
+sorted(set(corpus)) (shakespeare_char). val: the corpus's own validation (else test) split where it has one, else
+the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of the documents, seed 2357 (openwebtext).
+sample_batch is a pure function of its arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import itertools
@@ -27,6 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets.arrow_writer import ArrowWriter
+from datasets.data_files import _get_data_files_patterns, sanitize_patterns
+from datasets.utils.metadata import MetadataConfigs
+from fsspec.utils import glob_translate
+from huggingface_hub import DatasetCard
 from tqdm.auto import tqdm
 
 from .common import UserError, atomic_output, is_hub_id, remove
@@ -49,8 +55,9 @@ class PrepareSettings:
         "gpt2", "gpt2 (tiktoken BPE, EOT 50256 after each document) or char (vocabulary = the corpus's characters)")
     out: str = setting("", "output folder; empty: data/<source name> (+ '_char' for the char tokenizer)", path=True)
     text_column: str = setting("text", "column holding the text (.jsonl/.json/.parquet and Hub datasets)")
-    split: str = setting("train", "split of a Hub dataset to read (local files are one split)")
-    subset: str = setting("", "configuration (subset) name of a Hub dataset, e.g. wikitext-103-raw-v1")
+    split: str = setting("", "the one split to prepare (val by val_split); empty: the source's own train and "
+                         "validation (else test) splits where it has them (a Hub dataset: all its splits are read)")
+    subset: str = setting("", "configuration of a Hub dataset (e.g. wikitext-103-raw-v1) or of a folder's README.md")
     txt_documents: Literal["file", "paragraph"] = setting(
         "file", ".txt files: one document per file, or one per blank-line-separated paragraph")
     val_split: Literal["auto", "tail", "random"] = setting(
@@ -77,9 +84,13 @@ def prepared_meta(folder: str) -> dict | None:  # meta.json of a prepared folder
         return None
 
 
-def _skipped(file: str, root: str, out: str) -> bool:  # below root, in the output or another prepared dataset?
+def saved(folder: str) -> bool:  # a datasets save_to_disk folder (Dataset or DatasetDict; prepared ones too)?
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _skipped(file: str, root: str, out: str) -> bool:  # below root, in the output or a saved (prepared) dataset?
     folder = os.path.dirname(file)
-    while len(folder) > len(root) and os.path.realpath(folder) != out and not prepared_meta(folder):
+    while len(folder) > len(root) and os.path.realpath(folder) != out and not saved(folder):
         folder = os.path.dirname(folder)
     return len(folder) > len(root)
 
@@ -120,11 +131,58 @@ def paragraphs(files: list[str], keep_breaks: bool) -> Iterator[dict]:
                 lines.append(line)
 
 
-def load_corpus(cfg: PrepareSettings, files: list[str] | None, cache_dir: str):
-    """The corpus's text column as one Dataset (an IterableDataset when streaming), files in sorted order."""
-    parts = [] if files else [datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split,
-                                                    streaming=cfg.streaming)]  # a Hub dataset
-    for builder, group in itertools.groupby(files or [], key=_builder):  # a run of files of one format: one builder
+def _matching(pattern: str, root: str, files: list[str]) -> list[str]:  # datasets' pattern resolver, over our files
+    return [f for f in files if re.match(glob_translate(os.path.join(glob.escape(root), pattern)), f)]
+
+
+def split_files(cfg: PrepareSettings, source: str, files: list[str]) -> dict[str, list[str]]:
+    """A folder's files by split as datasets infers them: its README.md configs (--subset picks one), else split names
+    in file or folder names (train.jsonl, validation/...) when there is a train split; else one split, train."""
+    readme = os.path.join(source, "README.md")
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data) if os.path.isfile(readme) else {}
+    name = cfg.subset or (configs.get_default_config_name() if configs else None)
+    if (cfg.subset or configs) and name not in configs:
+        raise UserError(f"'{cfg.source}' has no subset '{name}' (README.md configs: {', '.join(configs) or 'none'})")
+    config, files = configs.get(name, {}), [os.path.abspath(f) for f in files]
+    if not os.path.isdir(source):  # a file or a glob: one split
+        return {"train": files}
+    root = os.path.join(os.path.abspath(source), config.get("data_dir", ""))
+    resolve = functools.partial(_matching, root=root, files=files)
+    patterns = sanitize_patterns(config["data_files"]) if "data_files" in config else _get_data_files_patterns(resolve)
+    patterns = patterns if "train" in patterns or "data_files" in config else {"train": ["**"]}
+    return {str(k): found for k, v in patterns.items() if (found := sorted({f for p in v for f in resolve(p)}))}
+
+
+def load_corpus(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -> dict:
+    """{name: text column as a Dataset (an IterableDataset when streaming)}: the corpus's own train and val (its
+    validation, else test) splits, or the one split for val_split to split (--split, or the only one it has)."""
+    source = EMBEDDED_PATH if cfg.source == EMBEDDED else os.path.expanduser(cfg.source)
+    if files is None:  # a Hub dataset: the given split, else all its splits
+        splits = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split or None, streaming=cfg.streaming)
+    else:  # files, a folder with its own splits, a save_to_disk folder (split_files refuses a --subset it lacks)
+        groups = split_files(cfg, source, files)
+        splits = datasets.load_from_disk(source) if saved(source) else {
+            k: load_files(cfg, group, cache_dir) for k, group in groups.items()}
+    if not isinstance(splits, dict):
+        splits = {cfg.split or "train": splits}
+    val = next((k for k in ("validation", "val", "test") if k in splits), None)
+    if not cfg.split and val and "train" in splits:  # the corpus's own split
+        if cfg.val_split != "auto" or cfg.val_fraction:  # settings that split one split: never ignored silently
+            raise UserError(f"'{cfg.source}' has its own {val} split; to split its train split instead, add "
+                            "--split=train")
+        names = ["train", val]
+    else:
+        names = [cfg.split or (next(iter(splits)) if len(splits) == 1 else "")]
+    if names[0] not in splits:
+        missing = f"no split {names[0]!r}; " if names[0] else ""
+        raise UserError(f"choose a split of '{cfg.source}' with --split ({missing}its splits: {', '.join(splits)})")
+    return {k: splits[k].select_columns([cfg.text_column]) for k in names}
+
+
+def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
+    """Corpus files as one Dataset (an IterableDataset when streaming), in sorted order."""
+    parts = []
+    for builder, group in itertools.groupby(files, key=_builder):  # a run of files of one format: one builder
         group = list(group)
         if builder == "json" and all(os.path.getsize(f) == 0 for f in group):  # datasets raises StopIteration
             raise UserError(f"the corpus file {group[0]} is empty")
@@ -167,12 +225,13 @@ def tokenize_batch(batch, column: str, dtype: str, lut: np.ndarray | None = None
     return list_table(lengths, np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(lengths)))
 
 
-def tokenizing(cfg: PrepareSettings, ds) -> tuple:
+def tokenizing(cfg: PrepareSettings, parts) -> tuple:
     """(the transformers tokenizer, tokenize_batch's kwargs); char: one pass over the text for its vocabulary."""
     if cfg.tokenizer == "gpt2":
         return gpt2_tokenizer(), {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
     chars: set[str] = set()
-    for batch in tqdm(ds.with_format("arrow").iter(batch_size=MAP_BATCH), desc="Collecting characters", unit="batch"):
+    batches = itertools.chain.from_iterable(d.with_format("arrow").iter(batch_size=MAP_BATCH) for d in parts)
+    for batch in tqdm(batches, desc="Collecting characters", unit="batch"):
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
@@ -220,7 +279,7 @@ def tail_split(ds, fraction: float) -> tuple:
 
 
 def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tuple:
-    """Tokenize and split a memory-mapped corpus -> ({split: Dataset of ids}, (rule, fraction))."""
+    """Tokenize and split a memory-mapped corpus -> ({split: Dataset of ids}, the val split's rule)."""
     rule = "random" if len(ds) >= cfg.random_split_min_documents else "tail"
     rule = rule if cfg.val_split == "auto" else cfg.val_split
     fraction = cfg.val_fraction or (0.1 if rule == "tail" else 0.0005)
@@ -229,13 +288,15 @@ def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tup
     else:  # nanoGPT's: split the documents (shuffled, seed 2357), then tokenize each split
         parts = ds.train_test_split(test_size=fraction, seed=cfg.seed, shuffle=True)
         splits = [tokenize(parts[k].flatten_indices(), cfg, kwargs, k, cache_dir) for k in ("train", "test")]
-    return dict(zip(("train", "val"), splits)), (rule, fraction)
+    return dict(zip(("train", "val"), splits)), {"rule": rule, "fraction": fraction, "seed": cfg.seed}
 
 
-def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str) -> tuple:
-    """Tokenize a stream into an Arrow file; each document goes to val (in memory) with probability val_fraction."""
-    features, path, fraction = ids_features(kwargs["dtype"]), os.path.join(cache_dir, "train.arrow"), cfg.val_fraction
-    rng, fraction, val = np.random.default_rng(cfg.seed), fraction or 0.0005, [features.arrow_schema.empty_table()]
+def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, name="train", fraction=None) -> tuple:
+    """Tokenize a stream into an Arrow file; each document goes to val (in memory) with probability `fraction`
+    (default: val_fraction, else nanoGPT's 0.0005; 0: a corpus's own split)."""
+    features, path = ids_features(kwargs["dtype"]), os.path.join(cache_dir, f"{name}.arrow")
+    fraction = cfg.val_fraction or 0.0005 if fraction is None else fraction
+    rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
         batches = stream.with_format("arrow").iter(batch_size=MAP_BATCH)
         for batch in tqdm(batches, desc=f"Tokenizing stream ({cfg.tokenizer})", unit="batch"):
@@ -245,12 +306,12 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str) -> 
             writer.write_table(table.filter(~is_val))
         writer.finalize()
     train, val = datasets.Dataset.from_file(path), datasets.Dataset(pa.concat_tables(val))
-    if val.num_rows == 0 and train.num_rows:  # a tiny stream: hold out its last document rather than nothing
+    if val.num_rows == 0 and train.num_rows and fraction:  # a tiny stream: hold out its last document, not nothing
         train, val = train.select(range(train.num_rows - 1)), train.select([train.num_rows - 1])
     if train.num_rows == 0:
         raise UserError(f"the stream '{cfg.source}' holds {val.num_rows} document(s), too few for a train and a val "
                         "split; prepare it without --streaming (the tail split cuts a document in two)")
-    return {"train": train, "val": val}, ("random", fraction)
+    return {"train": train, "val": val}, {"rule": "random", "fraction": fraction, "seed": cfg.seed}
 
 
 def default_out(cfg: PrepareSettings) -> str:
@@ -283,9 +344,14 @@ def prepare(cfg: PrepareSettings) -> str:
     with atomic_output(out) as tmp:
         cache = os.path.join(tmp, "cache")  # datasets' work files, deleted before the folder is renamed into place
         os.makedirs(cache)
-        ds = load_corpus(cfg, files, cache)
-        tokenizer, kwargs = tokenizing(cfg, ds)  # char: a first pass over the corpus for the vocabulary
-        splits, rule = (split_stream if cfg.streaming else split_dataset)(cfg, ds, kwargs, cache)
+        parts = load_corpus(cfg, files, cache)  # one split, or the corpus's own train and val splits
+        tokenizer, kwargs = tokenizing(cfg, parts.values())  # char: a first pass over the corpus for the vocabulary
+        if len(parts) == 2:  # the corpus's own train and val splits
+            splits = [split_stream(cfg, d, kwargs, cache, k, 0)[0]["train"] if cfg.streaming
+                      else tokenize(d, cfg, kwargs, k, cache) for k, d in parts.items()]
+            splits, rule = dict(zip(("train", "val"), splits)), {"rule": "own", "split": list(parts)[1]}
+        else:
+            splits, rule = (split_stream if cfg.streaming else split_dataset)(cfg, *parts.values(), kwargs, cache)
         datasets.DatasetDict(splits).save_to_disk(tmp)
         remove(cache)
         tokenizer.save_pretrained(tmp)
@@ -293,13 +359,13 @@ def prepare(cfg: PrepareSettings) -> str:
         meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": cfg.tokenizer,
                 "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype, "splits": stats,
                 "source": cfg.source, "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "fingerprint": key,
-                "val_split": {"rule": rule[0], "fraction": rule[1], "seed": cfg.seed},
+                "val_split": rule,
                 "settings": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2)
     counts = "; ".join(f"{k}: {s['documents']:,} documents, {s['tokens']:,} tokens" for k, s in stats.items())
     print(f"prepared {cfg.source} -> {out} in {meta['seconds']:.1f} s ({cfg.tokenizer}, vocab {len(tokenizer)}); "
-          + counts)
+          + counts + (f"; val: the corpus's own {rule['split']} split" if rule["rule"] == "own" else ""))
     return out
 
 

@@ -17,15 +17,16 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint, hardware
 from .common import UserError
-from .settings import parse_command, setting
+from .settings import SHIPPED_RECIPES, load_recipe, parse_command, setting
 from .tokenization import check_known_chars
 
 SEPARATOR = "---------------"
+TRAINED = load_recipe(os.path.join(SHIPPED_RECIPES, "default.yaml"))["out_dir"]  # where `python train.py` saves
 
 
 @dataclasses.dataclass
 class SampleSettings:
-    out_dir: str = setting("out", "checkpoint folder used by --init_from=resume", path=True)
+    out_dir: str = setting(TRAINED, "checkpoint folder used by --init_from=resume (train.py's default)", path=True)
     init_from: str = setting("resume", "resume (out_dir), a checkpoint folder or Hub id, gpt2 ... gpt2-xl", path=True)
     start: str = setting("\n", "the prompt; FILE:path reads it from a file")
     num_samples: int = setting(10, "number of samples to draw", range="[1, inf)")
@@ -78,6 +79,8 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """max_new_tokens new tokens (B, N) after input_ids (B, T), with the KV cache, sliding the window past block_size;
     fewer if every row stopped at end-of-text. The prompt must fit in block_size."""
     block_size = block_size_of(model)
+    if (gen_kwargs.get("top_k") or 0) >= model.config.vocab_size:  # keeps every token (nanoGPT's min(top_k, vocab))
+        gen_kwargs["top_k"] = 0  # the same tokens without the top-k pass
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     eos = torch.tensor(gen_kwargs.get("eos_token_id") or [], dtype=torch.long, device=input_ids.device)
     ids, chunks, remaining = input_ids, [], max_new_tokens

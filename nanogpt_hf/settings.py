@@ -1,14 +1,17 @@
 """Typed settings: one dataclass per command, YAML recipes, `--key=value` overrides, `--help`, typo hints.
 
-Each field declares its default, help text and allowed range; `parse_command` applies the recipe(s), then the command
-line, converting each value to the field's type; `validate` checks the ranges. Mistakes are one-line UserErrors.
+Each field declares its default, help text and allowed range; `parse_command` applies the recipe(s) (YAML, or
+nanoGPT's `name = value` config files, read and never run), then the command line, converting each value to the
+field's type; `validate` checks the ranges. Mistakes are one-line UserErrors.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import math
+import operator
 import os
 import sys
 import types
@@ -20,7 +23,9 @@ import yaml
 from .common import UserError
 
 SHIPPED_RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+RECIPE_SUFFIXES = (".yaml", ".yml", ".py")  # .py: a nanoGPT config file
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def setting(default: Any, help: str, path: bool = False, range: str | None = None) -> Any:
@@ -100,6 +105,36 @@ def apply(obj: Any, values: dict[str, Any]) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def py_literal(node: ast.expr) -> Any:
+    """A number, string, boolean or None, or arithmetic on numbers (nanoGPT's `5 * 8`); anything else: ValueError."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = py_literal(node.left), py_literal(node.right)
+        if {type(left), type(right)} <= {int, float}:
+            return _ARITHMETIC[type(node.op)](left, right)
+    value = ast.literal_eval(node)  # constants and signed numbers (containers are refused below)
+    if value is not None and type(value) not in (int, float, str, bool):
+        raise ValueError(value)
+    return value
+
+
+def read_py_config(path: str, text: str) -> dict[str, Any]:
+    """nanoGPT's config file (`name = value` lines, comments) without running it: a UserError names any other line."""
+    try:
+        body = ast.parse(text, filename=path).body
+    except SyntaxError as exc:
+        raise UserError(f"{path}, line {exc.lineno}: {exc.msg}") from None
+    values = {}
+    for node in body:
+        try:
+            if not (isinstance(node, ast.Assign) and [type(t) for t in node.targets] == [ast.Name]):
+                raise ValueError(node)
+            values[node.targets[0].id] = py_literal(node.value)
+        except (ValueError, TypeError, ZeroDivisionError):
+            raise UserError(f"{path}, line {node.lineno}: only `name = value` lines with literal values are read "
+                            f"(the file is never run): {text.splitlines()[node.lineno - 1].strip()}") from None
+    return values
+
+
 def load_recipe(path: str) -> dict[str, Any]:
     """A recipe's settings; a shipped recipe is found by name from any folder ('shakespeare_char.yaml')."""
     shipped = os.path.join(SHIPPED_RECIPES, os.path.basename(path))
@@ -109,7 +144,7 @@ def load_recipe(path: str) -> dict[str, Any]:
         names = ", ".join(sorted(os.listdir(SHIPPED_RECIPES)))
         raise UserError(f"recipe '{os.path.basename(path)}' does not exist; the shipped ones: {names}")
     with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        data = read_py_config(path, fh.read()) if path.endswith(".py") else yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
         raise UserError(f"recipe '{path}' must be a mapping of setting: value")
     return data
@@ -141,7 +176,7 @@ def split_argv(argv: list[str], cls: type, recipes: bool) -> tuple[list[str], li
                 if value is None:
                     raise UserError(f"setting '{key}' needs a value: --{key}=VALUE")
             overrides[key] = value
-        elif recipes and arg.endswith((".yaml", ".yml")):
+        elif recipes and arg.endswith(RECIPE_SUFFIXES):
             recipe_paths.append(arg)
         else:
             bare.append(arg)
@@ -150,7 +185,7 @@ def split_argv(argv: list[str], cls: type, recipes: bool) -> tuple[list[str], li
 
 def parse_command(cls: type, argv: list[str] | None, prog: str, description: str, positional: str | None = None,
                   recipes: bool = False, epilog: str = "", default_recipe: str | None = None) -> tuple[Any, dict]:
-    """Parse `[RECIPE.yaml ...] [POSITIONAL] [--key=value ...]` into a validated instance of `cls`.
+    """Parse `[RECIPE.yaml|.py ...] [POSITIONAL] [--key=value ...]` into a validated instance of `cls`.
 
     default_recipe gives the defaults when argv names no recipe. Returns (settings, explicit): explicit maps each
     setting given by a named recipe or on the command line to its final value (a resume keeps the others).
@@ -164,7 +199,7 @@ def parse_command(cls: type, argv: list[str] | None, prog: str, description: str
         obj = apply(obj, values)
         explicit.update(values if recipe_paths else {})
     if "-h" in argv or "--help" in argv:  # the defaults shown are the recipes' values
-        usage = ("[RECIPE.yaml ...] " if recipes else "") + (f"[{positional.upper()}] " if positional else "")
+        usage = ("[RECIPE.yaml|.py ...] " if recipes else "") + (f"[{positional.upper()}] " if positional else "")
         print_help(obj, prog, usage + "[--key=value ...]", description, epilog, base)
         raise SystemExit(0)
     if bare and (positional is None or len(bare) > 1):
@@ -229,7 +264,8 @@ class TrainSettings:
     # learning rate schedule
     decay_lr: bool = setting(True, "warmup then cosine decay; false keeps learning_rate constant")
     warmup_iters: int = setting(2000, "linear warmup steps", range="[0, inf)")
-    lr_decay_iters: int = setting(600000, "steps of cosine decay (nanoGPT: about max_iters)", range="[0, inf)")
+    lr_decay_iters: int | None = setting(None, "steps of cosine decay; none (the default): max_iters, so "
+                                               "--max_iters=500 shortens the decay too", range="[0, inf)")
     min_lr: float = setting(6e-5, "learning rate after decay (nanoGPT: about learning_rate / 10)", range="[0, inf)")
     # system
     device: str = setting("auto", "auto (CUDA when present, else CPU) | cpu | cuda; accelerate places processes")
@@ -238,6 +274,8 @@ class TrainSettings:
     dtype: str = setting("auto", "auto (bf16 where the GPU or CPU supports it, fp16 with loss scaling on older GPUs, "
                                  "else float32) | bfloat16 | float16 | float32")
     compile: bool | None = setting(None, "torch.compile the model; default: on for CUDA where Triton works, off on CPU")
+    threads: int = setting(0, "CPU threads for torch (0: torch's default, one per core); on a machine shared with "
+                              "other jobs 1 can be much faster", range="[0, inf)")
     seed: int = setting(1337, "seed of initialisation, dropout and batches (batch = f(seed, step, index))")
     # checkpoints
     keep_states: int = setting(2, "resumable states kept in out_dir/state/ (the newest; 0 keeps all)", range="[0, inf)")

@@ -30,11 +30,11 @@ from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak
 from .hub import HubPusher, check_repo_id
 from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
-from .settings import TrainSettings, parse_command, save_yaml
+from .settings import RECIPE_SUFFIXES, TrainSettings, parse_command, save_yaml
 
 DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings: nanoGPT's defaults (its GPT-2 124M run), then
-RECIPE.yaml files, then --key=value overrides; with no recipe, default.yaml (the shakespeare_char_cpu demo on the
-shipped corpus), whose values the defaults below show. Tokens per optimizer step = batch_size x
+RECIPE.yaml files (or nanoGPT's config/*.py), then --key=value; with no recipe, default.yaml (the shakespeare_char_cpu
+demo on the shipped corpus), whose values the defaults below show. Tokens per optimizer step = batch_size x
 gradient_accumulation_steps x block_size, whatever the number of processes (each takes 1/N of the step's rows)."""
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
@@ -168,6 +168,8 @@ def check_start(s: TrainSettings) -> None:
 
 def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
     device_type = resolve_device_type(s.device)
+    if s.threads:  # on a machine shared with other jobs, fewer threads than cores can be much faster
+        torch.set_num_threads(s.threads)
     if device_type == "cpu":
         keep_freed_memory()  # a quarter of a CPU step was page faults
     else:  # as nanoGPT: float32 matmuls on tensor cores
@@ -269,12 +271,14 @@ class Run:
     # ----
     step: int = 0
     best_val_loss: float = math.inf
+    best_step: int = 0
     tokens_seen: int = 0
     evaluated: bool = False  # resumed from a state saved right after this step's evaluation: not done again
     first_step: int = 0
     last_log: int = 0
     t_log: float = 0.0
     paused: float = 0.0  # seconds of evaluating and saving since the last log line (ms/iter leaves them out)
+    t_start: float = dataclasses.field(default_factory=time.perf_counter)
     mfu: float = -1.0
 
 
@@ -298,8 +302,10 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     compiled = s.compile if s.compile is not None else compile_by_default(device_type)
     # compiled after prepare: states hold the plain keys and resume with compile on or off
     record = dict(settings=dataclasses.asdict(s), recipes=recipes)
+    tokenizer = data.tokenizer()
+    tokenizer.model_max_length = s.block_size  # tok(text, truncation=True) then gives what the model accepts
     run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizer,
-              {split: data.stream(split) for split in ("train", "val")}, data.tokenizer(),
+              {split: data.stream(split) for split in ("train", "val")}, tokenizer,
               Checkpointer(accelerator, s.out_dir, s.keep_states), record, {})
     if state:
         resume(run, state, device_type)
@@ -321,6 +327,7 @@ def resume(run: Run, state: str, device_type: str) -> None:
     ts = read_trainer_state(state)
     run.step = run.first_step = run.last_log = ts["step"]
     run.best_val_loss, run.tokens_seen, run.evaluated = ts["best_val_loss"], ts["tokens_seen"], ts["evaluated"]
+    run.best_step = ts.get("best_step", run.step)  # states saved before best_step was recorded
     run.record = dict(settings={**run.record["settings"], "init_from": ts["settings"]["init_from"]},
                       recipes=ts["recipes"])
     log = run.accelerator.print
@@ -389,7 +396,8 @@ def evaluate(run: Run, progress) -> None:
     # step 0 only reports the starting model; the first evaluation after training always saves
     if run.step > 0 or s.max_iters == 0:
         improved = losses["val"] < run.best_val_loss
-        run.best_val_loss = min(run.best_val_loss, losses["val"])  # only ever improves
+        if improved:  # best_val_loss only ever improves
+            run.best_val_loss, run.best_step = losses["val"], run.step
         if improved or s.always_save_checkpoint:
             run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=losses["train"],
                             val_loss=losses["val"], best_val_loss=run.best_val_loss)
@@ -404,7 +412,8 @@ def evaluate(run: Run, progress) -> None:
 
 def save_state(run: Run, evaluated: bool) -> str:
     return run.ckpt.save_state({
-        "step": run.step, "best_val_loss": run.best_val_loss, "tokens_seen": run.tokens_seen, "evaluated": evaluated,
+        "step": run.step, "best_val_loss": run.best_val_loss, "best_step": run.best_step,
+        "tokens_seen": run.tokens_seen, "evaluated": evaluated,
         **run.record, "world_size": run.accelerator.num_processes, "device_type": run.accelerator.device.type},
         run.raw.config, run.tokenizer)
 
@@ -441,8 +450,9 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
         end_training(acc)
         return 0
     exit_code = 0
-    with StopSignals(acc) as stop, tqdm(total=s.max_iters, initial=run.step, desc="training",
-                                        disable=not acc.is_main_process, dynamic_ncols=True) as progress:
+    quiet = not acc.is_main_process or not sys.stderr.isatty()  # a log file gets the log lines, not bar redraws
+    with StopSignals(acc) as stop, tqdm(total=s.max_iters, initial=run.step, desc="training", disable=quiet,
+                                        dynamic_ncols=True) as progress:
         while True:
             # evaluate (and save) at every eval_interval and after the last step
             if (run.step % s.eval_interval == 0 or run.step == s.max_iters) and not run.evaluated:
@@ -450,7 +460,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             run.evaluated = False
             if run.step >= s.max_iters:
                 break
-            lr = get_lr(run.step, s.learning_rate, s.min_lr, s.warmup_iters, s.lr_decay_iters, s.decay_lr)
+            decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else s.max_iters  # None: follow max_iters
+            lr = get_lr(run.step, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters, s.decay_lr)
             batches = micro_batches(run.streams["train"], s, run.step, acc.process_index, acc.num_processes,
                                     acc.device)
             loss = train_step(acc, run.model, run.optimizer, batches, lr, s.grad_clip)
@@ -467,7 +478,18 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     end_training(acc)
     if exit_code == 0 and acc.is_main_process and s.sample_at_end:
         print_sample(s.out_dir, device=acc.device.type)
+    if exit_code == 0 and acc.is_main_process:
+        summary(run)
     return exit_code
+
+
+def summary(run: Run) -> None:
+    """The run in one line: best val loss and its step, time, throughput, where the model and its curve are."""
+    seconds = time.perf_counter() - run.t_start
+    tokens = (run.step - run.first_step) * run.s.batch_size * run.s.gradient_accumulation_steps * run.s.block_size
+    print(f"done: best val loss {run.best_val_loss:.4f} at step {run.best_step}; {run.step - run.first_step} steps in "
+          f"{seconds:.1f} s ({tokens / seconds:,.0f} tokens/s); the model is in {run.s.out_dir}, its loss curve in "
+          f"{os.path.join(run.s.out_dir, 'loss.png')}")
 
 
 class StopSignals:
@@ -538,9 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     # no recipe: the demo's values are the defaults (not explicit settings: a resume keeps its saved ones)
     s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True,
                                 default_recipe=DEFAULT_RECIPE)
-    recipes = [os.path.basename(a) for a in args if a.endswith((".yaml", ".yml"))] or ["default.yaml"]
+    recipes = [os.path.basename(a) for a in args if a.endswith(RECIPE_SUFFIXES)] or ["default.yaml"]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar (training) and its log lines, no "Writing model shards" per save
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor": re-tied on load
-    return train(s, explicit, recipes)
+    try:
+        return train(s, explicit, recipes)
+    except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory errors: a GPU's, or a CPU allocation's
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(exc):
+            raise
+        raise UserError(f"a micro-batch of batch_size {s.batch_size} x block_size {s.block_size} does not fit in "
+                        f"memory: lower batch_size or block_size (raise gradient_accumulation_steps to keep the "
+                        f"tokens per step); the last checkpoint in {s.out_dir} is intact") from None

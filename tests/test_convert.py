@@ -166,6 +166,33 @@ def test_force_replaces_a_non_empty_output(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "o"]
 
 
+def modes(folder):
+    return {p.name: oct(p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask, folder, file", [(0o022, "0o755", "0o644"), (0o027, "0o750", "0o640")])
+def test_outputs_get_the_modes_of_anything_the_user_creates(tmp_path, capsys, umask, folder, file):
+    """Converted folders and a run's model files are readable by whom the umask allows (they were 0700 / 0600)."""
+    from nanogpt_hf.common import atomic_output
+
+    ref, args = make_nanogpt(len(set(TEXT)))
+    save_nanogpt_ckpt(str(tmp_path / "o" / "ckpt.pt"), ref, args)
+    save_meta(str(tmp_path / "o" / "meta.pkl"))
+    before = os.umask(umask)
+    try:
+        assert run_cli(["convert-nanogpt", tmp_path / "o" / "ckpt.pt", tmp_path / "hf"], capsys)[0] == 0
+        assert run_cli(["export-gpt2", tmp_path / "hf", tmp_path / "gpt2"], capsys)[0] == 0
+        run = tmp_path / "run"  # train.py's out_dir: the model is merged into it as Checkpointer.save_model does
+        with atomic_output(str(run), merge=True) as tmp:
+            AutoModelForCausalLM.from_pretrained(tmp_path / "hf").save_pretrained(tmp)
+    finally:
+        os.umask(before)
+    for out in ("hf", "gpt2", "run"):
+        got = modes(tmp_path / out)
+        assert got == {name: folder if name == out else file for name in got}, (out, got)
+        assert "model.safetensors" in got
+
+
 # ---- GPT-2 both ways ------------------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -529,3 +530,109 @@ def test_the_name_shakespeare_is_the_embedded_corpus_even_beside_a_local_folder(
     out = prepare(PrepareSettings(source="shakespeare", tokenizer="char"))
     assert open_dataset(out).meta["splits"]["train"]["tokens"] > 4_000_000
     assert "for the local 'shakespeare', pass ./shakespeare" in capsys.readouterr().out
+
+
+# --- a corpus's own splits: save_to_disk folders, Hub-style folders ---------------------------------------------------
+
+
+def gpt2_tokens(docs) -> list[int]:
+    enc = gpt2_encoding()
+    return [t for d in docs for t in enc.encode_ordinary(d) + [GPT2_EOT]]
+
+
+TRAIN_DOCS, VAL_DOCS, TEST_DOCS = [f"train doc {i} " * 5 for i in range(20)], ["val doc one", "val doc two"], ["test"]
+
+
+@pytest.mark.parametrize("splits", [("train",), ("train", "validation", "test"), ("train", "test")])
+def test_a_saved_dataset_folder_is_read_with_load_from_disk(splits, tmp_path, capsys):
+    docs = {"train": TRAIN_DOCS, "validation": VAL_DOCS, "test": TEST_DOCS}
+    parts = {k: datasets.Dataset.from_dict({"text": docs[k], "n": list(range(len(docs[k])))}) for k in splits}
+    saved = parts["train"] if len(splits) == 1 else datasets.DatasetDict(parts)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    code, stdout, err = run_cli(capsys, str(tmp_path / "saved"), f"--out={tmp_path / 'out'}")
+    assert code == 0, err
+    out = str(tmp_path / "out")
+    if len(splits) == 1:  # one corpus: the usual tail split
+        assert stream_tokens(out, "train") + stream_tokens(out, "val") == gpt2_tokens(TRAIN_DOCS)
+    else:  # its own val split: validation, else test
+        assert stream_tokens(out, "train") == gpt2_tokens(TRAIN_DOCS)
+        assert stream_tokens(out, "val") == gpt2_tokens(docs[splits[1]])
+        assert f"val: the corpus's own {splits[1]} split" in stdout
+    # a saved dataset below a corpus folder is not read as .json corpus files
+    (tmp_path / "corp").mkdir()
+    (tmp_path / "corp" / "a.txt").write_text(TXT_A)
+    os.rename(tmp_path / "saved", tmp_path / "corp" / "saved")
+    out = prepare(PrepareSettings(source=str(tmp_path / "corp"), out=str(tmp_path / "o2")))
+    assert stream_tokens(out, "train") + stream_tokens(out, "val") == gpt2_tokens([TXT_A])
+
+
+def write_split_files(folder, names=("train.jsonl", "validation.jsonl", "test.jsonl")):
+    folder.mkdir(exist_ok=True)
+    for name, docs in zip(names, (TRAIN_DOCS, VAL_DOCS, TEST_DOCS)):
+        os.makedirs(os.path.dirname(folder / name), exist_ok=True)
+        (folder / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return folder
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+def test_a_folder_with_its_own_splits_keeps_them(tokenizer, streaming, tmp_path, capsys):
+    src = write_split_files(tmp_path / "src")
+    for out in (src / "prep", src / "prep2"):  # the second: the first output (train/, val/ folders) is not read
+        code, stdout, err = run_cli(capsys, str(src), f"--out={out}", f"--tokenizer={tokenizer}",
+                                    f"--streaming={streaming}")
+        assert code == 0 and "val: the corpus's own validation split" in stdout, err
+        for split, docs in (("train", TRAIN_DOCS), ("val", VAL_DOCS)):
+            ids = stream_tokens(str(out), split)
+            text = "".join(docs) if tokenizer == "char" else None
+            assert load_tokenizer(str(out)).decode(ids) == text if text else ids == gpt2_tokens(docs)
+        meta = open_dataset(str(out)).meta
+        assert meta["val_split"]["rule"] == "own" and meta["val_split"]["split"] == "validation"
+        assert meta["splits"]["val"]["documents"] == len(VAL_DOCS)
+        assert meta["splits"]["train"]["documents"] == len(TRAIN_DOCS)
+
+
+README_CONFIGS = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: "part_a/*.jsonl"
+  - split: validation
+    path: "part_b/*.jsonl"
+- config_name: swapped
+  data_files:
+  - split: train
+    path: "part_b/*.jsonl"
+  - split: test
+    path: "part_a/*.jsonl"
+---
+# my corpus
+"""
+
+
+def test_readme_configs_and_split_settings_are_honoured(tmp_path, capsys):
+    src = write_split_files(tmp_path / "src", ("part_a/x.jsonl", "part_b/y.jsonl"))
+    (src / "README.md").write_text(README_CONFIGS)
+    out = prepare(PrepareSettings(source=str(src), out=str(tmp_path / "o")))  # the default config
+    assert (stream_tokens(out, "train"), stream_tokens(out, "val")) == (gpt2_tokens(TRAIN_DOCS), gpt2_tokens(VAL_DOCS))
+    out = prepare(PrepareSettings(source=str(src), subset="swapped", out=str(tmp_path / "o")))  # val: its test split
+    assert (stream_tokens(out, "train"), stream_tokens(out, "val")) == (gpt2_tokens(VAL_DOCS), gpt2_tokens(TRAIN_DOCS))
+    # --split: that split alone, split by the usual rule
+    out = prepare(PrepareSettings(source=str(src), split="train", out=str(tmp_path / "o")))
+    assert open_dataset(out).meta["val_split"]["rule"] == "tail"
+    assert stream_tokens(out, "train") + stream_tokens(out, "val") == gpt2_tokens(TRAIN_DOCS)
+    # a folder whose file names name no train split is one corpus, as before
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text(TXT_A)
+    (tmp_path / "plain" / "test_notes.txt").write_text(TXT_D)
+    out = prepare(PrepareSettings(source=str(tmp_path / "plain"), out=str(tmp_path / "o")))
+    assert stream_tokens(out, "train") + stream_tokens(out, "val") == gpt2_tokens([TXT_A, TXT_D.replace("\r\n", "\n")])
+    # a split or subset the source does not have, or a val setting it would ignore: one line naming what it has
+    for args, message in [([str(src), "--split=nope"], "no split 'nope'"), ([str(src), "--subset=nope"], "'nope'"),
+                          ([str(tmp_path / "plain"), "--split=validation"], "its splits: train"),
+                          ([str(tmp_path / "plain" / "a.txt"), "--subset=x"], "subset"),
+                          ([str(src), "--val_fraction=0.2"], "has its own validation split")]:
+        code, _, err = run_cli(capsys, *args, f"--out={tmp_path / 'bad'}")
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith("error: ") and message in last and "Traceback" not in err, (args, err)

@@ -110,6 +110,15 @@ def test_resume_reads_out_dir_and_file_prompt(capsys, char_dir, tmp_path):
     assert [t[:5] for t in samples_of(out)] == ["All:\n"] * 2
 
 
+def test_no_arguments_samples_what_train_py_trains(capsys, char_dir, tmp_path, monkeypatch):
+    # `python train.py` (the default recipe) saves into out/shakespeare_char; sample.py looked in out/
+    shutil.copytree(char_dir, tmp_path / "out" / "shakespeare_char")
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = sample(capsys, "--num_samples=1", "--max_new_tokens=5")  # only shortened
+    assert rc == 0, err
+    assert len(samples_of(out)) == 1
+
+
 def test_gpt2_tokenizer_checkpoint_and_stop_at_eot(capsys, gpt2_dir):
     rc, out, err = sample(capsys, f"--init_from={gpt2_dir}", "--start=Hello world", "--num_samples=2",
                           "--max_new_tokens=12", "--stop_at_eot")
