@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, RepoUrl
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, RepoUrl
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -36,7 +36,9 @@ def write_model_card(folder: str, info: dict) -> None:
         library_name="transformers", pipeline_tag="text-generation", license=info.get("license"),
         tags=list(dict.fromkeys(["nanogpt", "gpt2", "text-generation", *info.get("tags", [])])),
         datasets=[info["dataset"]] if is_hub_id(info.get("dataset")) else None,
-        base_model=info.get("base_model") if is_hub_id(info.get("base_model")) else None)
+        base_model=info.get("base_model") if is_hub_id(info.get("base_model")) else None,
+        eval_results=hellaswag_results(info), model_name=(info.get("repo_id") or info.get("title") or "nanoGPT model")
+        if info.get("hellaswag") else None)
     arch = {"model": config.architectures[0], "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "width": config.hidden_size, "context": config.max_position_embeddings, "vocabulary": config.vocab_size,
             "biases": getattr(config, "bias", True), "activation": config.activation_function,
@@ -60,6 +62,14 @@ def write_model_card(folder: str, info: dict) -> None:
         new_tokens=max(1, min(100, config.max_position_embeddings - len(prompt.encode()))),  # pipeline does not slide
         architecture="\n".join(f"| {k} | {v} |" for k, v in arch.items()), training="\n".join(training))
     ModelCard(card).save(os.path.join(folder, "README.md"))
+
+
+def hellaswag_results(info: dict) -> list[EvalResult] | None:
+    """The model's HellaSwag figures as model-index metadata (the Hub shows them beside the model)."""
+    hs = info.get("hellaswag")
+    return [EvalResult(task_type="text-generation", dataset_type="Rowan/hellaswag", dataset_name="HellaSwag",
+                       dataset_split="validation", metric_type=k, metric_value=hs[k]) for k in ("acc", "acc_norm")] \
+        if hs else None
 
 
 def check_repo_id(repo_id: str, default_from: str = "") -> None:

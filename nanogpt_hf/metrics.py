@@ -32,7 +32,7 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
-    """Train (per logged step) and train/val (per evaluation) losses against the step."""
+    """Train (per logged step) and train/val (per evaluation) losses against the step; HellaSwag beside, when set."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -40,15 +40,23 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
 
     events = read_metrics(metrics_path)
     evals = [e for e in events if e["type"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    panels = ("loss", "hellaswag") if any("hellaswag_acc" in e for e in evals) else ("loss",)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot([e["iter"] for e in events if e["type"] == "train"], [e["loss"] for e in events if e["type"] == "train"],
             color="tab:blue", alpha=0.35, lw=1, label="train (step)")
     for key, color in (("train_loss", "tab:blue"), ("val_loss", "tab:orange")):
         ax.plot([e["iter"] for e in evals], [e[key] for e in evals], "o-", color=color, ms=3,
                 label=f"{key.split('_')[0]} (eval)")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    if len(panels) == 2:  # zero-shot HellaSwag accuracy (chance: 0.25)
+        scored = [e for e in evals if "hellaswag_acc" in e]
+        for key in ("hellaswag_acc", "hellaswag_acc_norm"):
+            axes[0][1].plot([e["iter"] for e in scored], [e[key] for e in scored], "o-", ms=3, label=key[10:])
+        axes[0][1].set(xlabel="step", ylabel="HellaSwag accuracy")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic_output(png_path) as tmp:
         fig.savefig(tmp, format="png")

@@ -230,6 +230,10 @@ class TrainSettings:
     eval_iters: int = setting(200, "batches per split for each evaluation (spread over all processes)",
                               range="[1, inf)")
     eval_only: bool = setting(False, "evaluate once and exit (works with every init_from)")
+    hellaswag: str = setting("", "zero-shot HellaSwag at every evaluation, as lm-evaluation-harness computes it: "
+                                 "Rowan/hellaswag (the Hub's validation split) or a local .jsonl/.json/.parquet with "
+                                 "its fields; empty: off", path=True)
+    hellaswag_limit: int = setting(0, "evaluate the first N HellaSwag examples (0: all)", range="[0, inf)")
     always_save_checkpoint: bool = setting(True, "save the model at every evaluation, not only when val loss improves")
     init_from: str = setting("scratch", "scratch | resume (continue out_dir) | gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                                         "| any GPT-2 or nanogpt_hf checkpoint folder or Hub id (finetuning)", path=True)

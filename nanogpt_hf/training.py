@@ -25,6 +25,7 @@ from .checkpoint import Checkpointer, check_checkpoint, latest_state, load_pretr
 from .common import UserError, first_line
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
+from .evaluation import load_hellaswag, score_hellaswag
 from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak_flops, resolve_device_type,
                        resolve_mixed_precision, training_attention)
 from .hub import HubPusher, check_repo_id
@@ -268,6 +269,7 @@ class Run:
     metrics: MetricsLog | None = None
     pusher: HubPusher | None = None
     peak: float | None = None
+    hellaswag: list | None = None  # the examples, loaded once
     # ----
     step: int = 0
     best_val_loss: float = math.inf
@@ -307,6 +309,8 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizer,
               {split: data.stream(split) for split in ("train", "val")}, tokenizer,
               Checkpointer(accelerator, s.out_dir, s.keep_states), record, {})
+    if s.hellaswag:  # before training, so that a bad file is refused at once
+        run.hellaswag = load_hellaswag(s.hellaswag, s.hellaswag_limit)
     if state:
         resume(run, state, device_type)
     else:
@@ -385,11 +389,18 @@ def evaluate(run: Run, progress) -> None:
     ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
     line = (f"train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), val loss {losses['val']:.4f} "
             f"(perplexity {ppl['val']:.2f})")
+    hs = score_hellaswag(run.model, run.tokenizer, run.hellaswag, run.accelerator) if run.hellaswag else None
     if s.eval_only:
         run.accelerator.print(f"eval: {line}")
+        if hs:  # the one line of an evaluation, as the harness reports it
+            run.accelerator.print(f"hellaswag: acc={hs['acc']:.4f} acc_norm={hs['acc_norm']:.4f} "
+                                  f"examples={hs['examples']}")
         return
     event = {"type": "eval", "iter": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
-             "train_ppl": ppl["train"], "val_ppl": ppl["val"], "tokens": run.tokens_seen}
+             "train_ppl": ppl["train"], "val_ppl": ppl["val"], "tokens": run.tokens_seen,
+             **{f"hellaswag_{k}": v for k, v in (hs or {}).items()}}
+    if hs:
+        line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f}"
     report(run, event, f"step {run.step}: {line}", progress)
     if run.metrics is not None:
         plot_losses(run.metrics.path, os.path.join(s.out_dir, "loss.png"))
@@ -400,7 +411,7 @@ def evaluate(run: Run, progress) -> None:
             run.best_val_loss, run.best_step = losses["val"], run.step
         if improved or s.always_save_checkpoint:
             run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=losses["train"],
-                            val_loss=losses["val"], best_val_loss=run.best_val_loss)
+                            val_loss=losses["val"], best_val_loss=run.best_val_loss, hellaswag=hs)
             run.ckpt.save_model(run.model, run.tokenizer, run.card)
             if run.metrics is not None:  # nanoGPT says so too
                 progress.write(f"saved the model to {s.out_dir}")
