@@ -294,7 +294,7 @@ def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tup
 def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, name="train", fraction=None) -> tuple:
     """Tokenize a stream into an Arrow file; each document goes to val (in memory) with probability `fraction`
     (default: val_fraction, else nanoGPT's 0.0005; 0: a corpus's own split)."""
-    features, path = ids_features(kwargs["dtype"]), os.path.join(cache_dir, f"{name}.arrow")
+    features, path = ids_features(kwargs["dtype"]), os.path.join(cache_dir, f"stream-{name}.arrow")
     fraction = cfg.val_fraction or 0.0005 if fraction is None else fraction
     rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
@@ -312,6 +312,17 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, nam
         raise UserError(f"the stream '{cfg.source}' holds {val.num_rows} document(s), too few for a train and a val "
                         "split; prepare it without --streaming (the tail split cuts a document in two)")
     return {"train": train, "val": val}, {"rule": "random", "fraction": fraction, "seed": cfg.seed}
+
+
+def save_splits(splits: dict, folder: str) -> None:
+    """DatasetDict.save_to_disk, except that a stream's split, written whole by split_stream, is moved into place:
+    copying it through a memory map made the peak RSS of --streaming grow with the corpus."""
+    streamed = {k: d.cache_files[0]["filename"] for k, d in splits.items() if d._indices is None and
+                [os.path.basename(f["filename"])[:7] for f in d.cache_files] == ["stream-"]
+                and len(d) == datasets.Dataset.from_file(d.cache_files[0]["filename"]).num_rows}  # whole, not a slice
+    datasets.DatasetDict({k: d.select([0]) if k in streamed else d for k, d in splits.items()}).save_to_disk(folder)
+    for k, path in streamed.items():  # the metadata save_to_disk wrote (for one row) now names the whole file
+        os.replace(path, os.path.join(folder, k, "data-00000-of-00001.arrow"))
 
 
 def default_out(cfg: PrepareSettings) -> str:
@@ -352,7 +363,7 @@ def prepare(cfg: PrepareSettings) -> str:
             splits, rule = dict(zip(("train", "val"), splits)), {"rule": "own", "split": list(parts)[1]}
         else:
             splits, rule = (split_stream if cfg.streaming else split_dataset)(cfg, *parts.values(), kwargs, cache)
-        datasets.DatasetDict(splits).save_to_disk(tmp)
+        save_splits(splits, tmp)
         remove(cache)
         tokenizer.save_pretrained(tmp)
         stats = {k: {"documents": d.num_rows, "tokens": int(row_lengths(d).sum())} for k, d in splits.items()}
