@@ -125,7 +125,8 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
     device, accum, world = accelerator.device, s.gradient_accumulation_steps, accelerator.num_processes
     batches = make_batches(s, device)
     peak = hardware.peak_flops(device, precision)  # measured on CPU: before the timing, not during it
-    [step(batches[i % 4], LR, GRAD_CLIP).item() for i in range(s.warmup)]  # warm-up
+    for i in range(s.warmup):
+        step(batches[i % 4], LR, GRAD_CLIP).item()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # one sync per step (nanoGPT's loss.item() at log_interval=1); the median resists machine noise

@@ -314,12 +314,18 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, nam
     return {"train": train, "val": val}, {"rule": "random", "fraction": fraction, "seed": cfg.seed}
 
 
+def whole_stream_file(ds) -> str | None:
+    """The Arrow file split_stream wrote, when `ds` is all of it (not a slice or a selection of its rows)."""
+    files = [f["filename"] for f in ds.cache_files]
+    if ds._indices is not None or len(files) != 1 or not os.path.basename(files[0]).startswith("stream-"):
+        return None
+    return files[0] if len(ds) == datasets.Dataset.from_file(files[0]).num_rows else None
+
+
 def save_splits(splits: dict, folder: str) -> None:
     """DatasetDict.save_to_disk, except that a stream's split, written whole by split_stream, is moved into place:
     copying it through a memory map made the peak RSS of --streaming grow with the corpus."""
-    streamed = {k: d.cache_files[0]["filename"] for k, d in splits.items() if d._indices is None and
-                [os.path.basename(f["filename"])[:7] for f in d.cache_files] == ["stream-"]
-                and len(d) == datasets.Dataset.from_file(d.cache_files[0]["filename"]).num_rows}  # whole, not a slice
+    streamed = {k: path for k, d in splits.items() if (path := whole_stream_file(d))}
     datasets.DatasetDict({k: d.select([0]) if k in streamed else d for k, d in splits.items()}).save_to_disk(folder)
     for k, path in streamed.items():  # the metadata save_to_disk wrote (for one row) now names the whole file
         os.replace(path, os.path.join(folder, k, "data-00000-of-00001.arrow"))

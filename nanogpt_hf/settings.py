@@ -289,3 +289,11 @@ class TrainSettings:
     hub_model_id: str = setting("", "Hub repository, e.g. user/nanogpt-shakespeare (default: out_dir's name)")
     hub_private: bool = setting(False, "create the Hub repository as private")
     hub_strategy: Literal["end", "best", "every_save"] = setting("end", "when to upload: end | best | every_save")
+
+    @property
+    def rows_per_step(self) -> int:  # sequences per optimizer step, over all processes
+        return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rows_per_step * self.block_size

@@ -98,7 +98,7 @@ def train_step(accelerator, model, optimizer, micro_batches, lr: float, grad_cli
 def micro_batches(stream, s: TrainSettings, step: int, rank: int, world: int, device) -> list[tuple]:
     """This process's share of a step: the rows of micro-batches 0..G-1 (gradient_accumulation_steps, each a pure
     function of (seed, step, index)) cut into `world` equal slices: N processes see together what 1 process sees."""
-    rows = s.batch_size * s.gradient_accumulation_steps // world  # rows per process
+    rows = s.rows_per_step // world  # rows per process
     b = math.gcd(rows, s.batch_size)  # micro-batch size: divides both, so no micro-batch straddles two
     out = []
     for row in range(rank * rows, (rank + 1) * rows, b):
@@ -191,9 +191,9 @@ def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UserError("DeepSpeed is not supported: its engine steps the optimizer and clips gradients itself; use "
                         "FSDP or DDP (accelerate config)")
-    if (s.batch_size * s.gradient_accumulation_steps) % accelerator.num_processes:
-        raise UserError(f"batch_size x gradient_accumulation_steps ({s.batch_size * s.gradient_accumulation_steps}) "
-                        f"must be divisible by the number of processes ({accelerator.num_processes})")
+    if s.rows_per_step % accelerator.num_processes:
+        raise UserError(f"batch_size x gradient_accumulation_steps ({s.rows_per_step}) must be divisible by the "
+                        f"number of processes ({accelerator.num_processes})")
     return accelerator, device_type
 
 
@@ -318,7 +318,7 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     accelerator.print(f"model: {model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
                       f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
                       f"compile {compiled}\ndata: {data.path} ({data.tokenizer_kind}, vocab {data.vocab_size}); "
-                      f"tokens per iteration: {s.batch_size * s.gradient_accumulation_steps * s.block_size:,} = "
+                      f"tokens per iteration: {s.tokens_per_step:,} = "
                       f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block")
     if not s.eval_only:
         start_records(run, data)
@@ -439,16 +439,14 @@ def log_step(run: Run, loss: torch.Tensor, lr: float, progress) -> None:
     dt = (now - run.t_log - run.paused) / (run.step - run.last_log)
     warm = run.last_log - run.first_step >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
     run.t_log, run.paused, run.last_log = now, 0.0, run.step
-    tokens = s.batch_size * s.gradient_accumulation_steps * s.block_size
     event = {"type": "train", "iter": run.step, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
-             "tokens_per_s": tokens / dt}
+             "tokens_per_s": s.tokens_per_step / dt}
     if run.peak and warm:
-        mfu = estimate_mfu(run.raw, s.batch_size * s.gradient_accumulation_steps // acc.num_processes,
-                           s.block_size, dt, run.peak)
+        mfu = estimate_mfu(run.raw, s.rows_per_step // acc.num_processes, s.block_size, dt, run.peak)
         run.mfu = event["mfu"] = mfu if run.mfu < 0 else 0.9 * run.mfu + 0.1 * mfu
     mfu_text = f", mfu {run.mfu * 100:.2f}%" if run.mfu >= 0 else ""
     report(run, event, f"iter {run.step}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-                       f"{tokens / dt:,.0f} tok/s{mfu_text}", progress)
+                       f"{s.tokens_per_step / dt:,.0f} tok/s{mfu_text}", progress)
     progress.set_postfix(loss=f"{loss:.4f}")
 
 
@@ -477,7 +475,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
                                     acc.device)
             loss = train_step(acc, run.model, run.optimizer, batches, lr, s.grad_clip)
             run.step += 1
-            run.tokens_seen += s.batch_size * s.gradient_accumulation_steps * s.block_size
+            run.tokens_seen += s.tokens_per_step
             progress.update(1)
             if run.step % s.log_interval == 0 or run.step == s.max_iters:
                 log_step(run, loss, lr, progress)
@@ -497,7 +495,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
 def summary(run: Run) -> None:
     """The run in one line: best val loss and its step, time, throughput, where the model and its curve are."""
     seconds = time.perf_counter() - run.t_start
-    tokens = (run.step - run.first_step) * run.s.batch_size * run.s.gradient_accumulation_steps * run.s.block_size
+    tokens = (run.step - run.first_step) * run.s.tokens_per_step
     print(f"done: best val loss {run.best_val_loss:.4f} at step {run.best_step}; {run.step - run.first_step} steps in "
           f"{seconds:.1f} s ({tokens / seconds:,.0f} tokens/s); the model is in {run.s.out_dir}, its loss curve in "
           f"{os.path.join(run.s.out_dir, 'loss.png')}")
