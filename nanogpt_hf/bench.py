@@ -102,20 +102,21 @@ def timed(device: torch.device, fn, *args, **kwargs):  # (fn(...), seconds), the
 
 
 def set_up(s: BenchSettings, device_type: str, precision: str):
-    """As train.py: (accelerator, model, step function (micro_batches, lr, grad_clip) -> loss); prints the set-up."""
+    """As train.py: (accelerator, model, step function (micro_batches, lrs, grad_clip) -> loss); prints the set-up."""
     if device_type == "cpu":
         hardware.keep_freed_memory()
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=precision, dynamo_backend="no")
     raw = build_model(s).train()
     raw.set_attn_implementation(hardware.training_attention(device_type, precision))
-    model, optimizer = prepare_model(accelerator, raw, configure_optimizer(raw, WEIGHT_DECAY, LR, BETAS, device_type))
+    adamw = configure_optimizer(raw, WEIGHT_DECAY, LR, BETAS, device_type)  # train.py's default optimizer
+    model, optimizers = prepare_model(accelerator, raw, [adamw])
     model = torch.compile(model) if s.compile else model
     accelerator.print(
         f"{s.mode} bench: {raw.get_num_params() / 1e6:.2f}M parameters, {s.n_layer} layers, {s.n_head} heads, "
         f"{s.n_embd} wide, block {s.block_size}, batch {s.batch_size} x {s.gradient_accumulation_steps} micro-batches, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {precision}, compile "
         f"{s.compile}, data {s.data or 'random tokens'}")
-    return accelerator, raw, functools.partial(train_step, accelerator, model, optimizer)
+    return accelerator, raw, functools.partial(train_step, accelerator, model, optimizers)
 
 
 def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
@@ -126,11 +127,11 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
     batches = make_batches(s, device)
     peak = hardware.peak_flops(device, precision)  # measured on CPU: before the timing, not during it
     for i in range(s.warmup):
-        step(batches[i % 4], LR, GRAD_CLIP).item()
+        step(batches[i % 4], [LR], GRAD_CLIP).item()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # one sync per step (nanoGPT's loss.item() at log_interval=1); the median resists machine noise
-    runs = [timed(device, step, batches[i % 4], LR, GRAD_CLIP) for i in range(s.iters)]
+    runs = [timed(device, step, batches[i % 4], [LR], GRAD_CLIP) for i in range(s.iters)]
     dt, loss, tokens = statistics.median(t for _, t in runs), runs[-1][0].item(), s.batch_size * s.block_size * accum
     mfu = hardware.estimate_mfu(raw, s.batch_size * accum, s.block_size, dt, peak) if peak else None
     memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)" if device.type ==
@@ -145,16 +146,16 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
         with profile(activities=supported_activities(), schedule=schedule(wait=0, warmup=1, active=3),
                      on_trace_ready=tensorboard_trace_handler(s.profile), record_shapes=True, acc_events=True) as prof:
             for i in range(4):
-                step(batches[i], LR, GRAD_CLIP).item()
+                step(batches[i], [LR], GRAD_CLIP).item()
                 prof.step()
         accelerator.print(f"profiler trace written to {s.profile}/ (tensorboard --logdir {s.profile}, or Perfetto)")
     end_training(accelerator)  # under accelerate launch: close the process group, or exiting can abort
 
 
-def plain_step(model, optimizer, micro_batches, lr: float, grad_clip: float, autocast, scaler) -> torch.Tensor:
-    """nanoGPT's train.py step in plain PyTorch: the baseline our accelerate train_step is measured against."""
+def plain_step(model, optimizer, micro_batches, lrs: list[float], grad_clip, autocast, scaler) -> torch.Tensor:
+    """nanoGPT's train.py step in plain PyTorch, AdamW at lrs[0]: the baseline our train_step is measured against."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lrs[0]
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1 or not hasattr(model, "no_sync")  # DDP: on the last micro-batch only
@@ -187,7 +188,7 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> None:
     # step by step, alternating who goes first: noise (other processes, clock changes) then hits both loops alike
     for r in range(-max(s.warmup, 1), s.repeats * s.iters):  # warm-up steps (r < 0) untimed
         for name in list(loops)[::1 if r % 2 == 0 else -1]:
-            loss, seconds = timed(device, loops[name], batches[r % 4], LR, GRAD_CLIP)
+            loss, seconds = timed(device, loops[name], batches[r % 4], [LR], GRAD_CLIP)
             first.setdefault(name, loss.item())  # the same weights, the same batch: the losses must agree
             times[name] += [seconds * 1000] if r >= 0 else []
     med = {name: statistics.median(t) for name, t in times.items()}

@@ -128,8 +128,9 @@ class Checkpointer:
         raw = self.accelerator.unwrap_model(model)
         if not self.main:
             return
-        for tied in NanoGPTForCausalLM._tied_weights_keys:  # gathered tensors no longer share storage
-            full.pop(tied, None)
+        if raw.config.tie_word_embeddings:  # gathered tensors no longer share storage: save the head once
+            for tied in NanoGPTForCausalLM._tied_weights_keys:
+                full.pop(tied, None)
         if type(raw) is not NanoGPTForCausalLM:  # FSDP2's fully_shard swapped its class: save as ours
             with torch.device("meta"):
                 ours = NanoGPTForCausalLM(raw.config)

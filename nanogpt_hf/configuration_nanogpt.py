@@ -1,12 +1,15 @@
 """NanoGPTConfig: nanoGPT's GPTConfig (names and defaults) as a transformers configuration.
 
-`attribute_map` exposes the names HF tooling reads (hidden_size, num_hidden_layers, ...). This file imports only
-transformers: save_pretrained copies it next to the weights for trust_remote_code.
+`attribute_map` exposes the names HF tooling reads (hidden_size, num_hidden_layers, ...). The switches after GPT-2's
+fields are departures from GPT-2 (together, nanochat's architecture); their defaults keep GPT-2's. This file imports
+only transformers: save_pretrained copies it next to the weights for trust_remote_code.
 """
 
 from transformers import PreTrainedConfig
 
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh")  # exact GELU (nanoGPT); tanh GELU (OpenAI's GPT-2 weights)
+# the values a switch takes, GPT-2's first; activations: exact GELU (nanoGPT), tanh GELU (OpenAI's GPT-2 weights), ReLU^2
+CHOICES = {"activation_function": ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu2"),
+           "position_embedding": ("learned", "rotary"), "norm": ("layernorm", "rmsnorm")}
 
 
 class NanoGPTConfig(PreTrainedConfig):
@@ -31,6 +34,15 @@ class NanoGPTConfig(PreTrainedConfig):
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = None
+    # departures from GPT-2 (recipes/shakespeare_char_modern.yaml sets nanochat's)
+    position_embedding: str = "learned"  # learned: a table of block_size positions (wpe); rotary: RoPE on q and k
+    rope_theta: float = 10000.0  # rotary's base
+    norm: str = "layernorm"  # layernorm: GPT-2's; rmsnorm: RMSNorm without parameters
+    norm_after_embedding: bool = False  # normalise the embeddings before the first block
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys (after rotary)
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads, each shared by n_head // n_kv_head
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    zero_init_projections: bool = False  # each block's two output projections start at zero
 
     def __post_init__(self, **kwargs):
         # impossible shapes fail here, naming the setting, rather than deep inside torch
@@ -41,8 +53,14 @@ class NanoGPTConfig(PreTrainedConfig):
             raise ValueError(f"NanoGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"NanoGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"NanoGPTConfig.activation_function must be one of {ACTIVATIONS}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"NanoGPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        kv = self.n_head if self.n_kv_head is None else self.n_kv_head
+        if not (isinstance(kv, int) and kv > 0 and self.n_head % kv == 0):
+            raise ValueError(f"NanoGPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.position_embedding == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("NanoGPTConfig: rotary embeddings need an even head size (n_embd // n_head)")
         super().__post_init__(**kwargs)
 
 

@@ -18,6 +18,7 @@ from .common import GPT2_NAMES, UserError, atomic_output, is_hub_id
 from .configuration_nanogpt import NanoGPTConfig
 from .hub import push_checkpoint, write_model_card
 from .modeling_nanogpt import NanoGPTForCausalLM
+from .nanochat import to_nanochat
 from .tokenization import GPT2_VOCAB_SIZE, char_tokenizer_from_stoi, gpt2_tokenizer
 
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # what every nanoGPT ckpt.pt has
@@ -131,17 +132,16 @@ def convert_nanogpt(ckpt: str, out: str, meta: str | None = None, force: bool = 
     print(f"wrote {out}: nanoGPT model of {model.get_num_params() / 1e6:.2f}M parameters, {kind}")
 
 
-def convert_checkpoint(source: str, out: str, force: bool, to_gpt2: bool) -> None:
-    """Any checkpoint that load_pretrained reads -> ours or a stock GPT2LMHeadModel, with its tokenizer and card."""
+def convert_checkpoint(source: str, out: str, force: bool, convert=None) -> None:
+    """Any checkpoint that load_pretrained reads -> ours, or `convert(ours)` (a stock GPT2LMHeadModel, transformers'
+    NanoChatForCausalLM), with its tokenizer and card."""
     check_output(out, force, source)
     model, tokenizer = load_pretrained(source)
     hub_id = source if is_hub_id(source) else None
     openai = hub_id is not None and hub_id.removeprefix("openai-community/") in GPT2_NAMES
+    target = convert(model) if convert else model  # a switch the target cannot express is refused before writing
     with atomic_output(out) as tmp:
-        if to_gpt2:
-            gpt2.save_gpt2(model, tmp)
-        else:
-            model.save_pretrained(tmp)
+        target.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if os.path.isfile(os.path.join(source, "loss.png")):
@@ -149,16 +149,20 @@ def convert_checkpoint(source: str, out: str, force: bool, to_gpt2: bool) -> Non
         write_model_card(tmp, {"title": os.path.basename(os.path.abspath(out)), "base_model": hub_id,
                                "license": "mit" if openai else None, "source": f"Converted from `{source}` by "
                                "nanogpt-hf: the same logits as the original."})
-    kind = "GPT2LMHeadModel" if to_gpt2 else "NanoGPTForCausalLM"
-    print(f"wrote {out}: {kind} from '{source}'{'' if tokenizer else ', without a tokenizer (it had none)'}")
+    print(f"wrote {out}: {type(target).__name__} from '{source}'"
+          f"{'' if tokenizer else ', without a tokenizer (it had none)'}")
 
 
 def export_gpt2(checkpoint: str, out: str, force: bool = False) -> None:
-    convert_checkpoint(checkpoint, out, force, to_gpt2=True)
+    convert_checkpoint(checkpoint, out, force, gpt2.to_gpt2)
+
+
+def export_nanochat(checkpoint: str, out: str, force: bool = False) -> None:
+    convert_checkpoint(checkpoint, out, force, to_nanochat)
 
 
 def import_gpt2(id_or_dir: str, out: str, force: bool = False) -> None:
-    convert_checkpoint(id_or_dir, out, force, to_gpt2=False)
+    convert_checkpoint(id_or_dir, out, force)
 
 
 def push(out_dir: str, repo_id: str, private: bool, token: str | None, message: str | None) -> None:
@@ -173,6 +177,7 @@ class Parser(argparse.ArgumentParser):
 COMMANDS = [  # (function, help, positional arguments named as its parameters)
     (convert_nanogpt, "nanoGPT ckpt.pt -> nanogpt_hf (meta.pkl: beside CKPT or in data/<dataset>/)", ["ckpt", "out"]),
     (export_gpt2, "nanogpt_hf (or GPT-2) checkpoint -> stock GPT2LMHeadModel folder", ["checkpoint", "out"]),
+    (export_nanochat, "nanogpt_hf checkpoint with nanochat's switches -> NanoChatForCausalLM", ["checkpoint", "out"]),
     (import_gpt2, "gpt2 ... gpt2-xl, or any GPT-2 folder or Hub id -> nanogpt_hf folder", ["id_or_dir", "out"]),
     (push, "upload a checkpoint folder's files (not state/) to the Hub, token from HF_TOKEN", ["out_dir", "repo_id"])]
 

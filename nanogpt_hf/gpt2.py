@@ -10,10 +10,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .common import UserError
 from .configuration_nanogpt import NanoGPTConfig
 from .modeling_nanogpt import NanoGPTForCausalLM
+from .nanochat import check_switches
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT2Config options that change the function computed, at nanoGPT's values (not reorder_and_upcast_attn: it upcasts)
 NANOGPT_OPTIONS = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
+# our switches at GPT-2's values (its biases may be zero, its head untied, its activation any of transformers')
+GPT2_SWITCHES = dict(position_embedding="learned", norm="layernorm", norm_after_embedding=False, qk_norm=False,
+                     n_kv_head=None, final_logit_softcapping=None)
 
 
 def convert_state(state: dict, like: dict) -> dict:
@@ -47,6 +51,7 @@ def from_gpt2(name_or_path: str, dropout: float = 0.0, **kwargs) -> NanoGPTForCa
 def to_gpt2(model: NanoGPTForCausalLM) -> GPT2LMHeadModel:
     """The model as a stock transformers GPT2LMHeadModel computing the same logits (float32)."""
     c = model.config
+    check_switches(c, GPT2_SWITCHES, "GPT-2")
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function=c.activation_function, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,

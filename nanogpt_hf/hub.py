@@ -20,6 +20,7 @@ from .common import UserError, first_line, is_hub_id, remove
 PLACEHOLDER = "path/to/this/folder"  # what the card's snippets load until the folder has a Hub id
 CARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model_card.md")  # a str.format template
 HOW_TO_LOAD = {"gpt2": ("A stock GPT-2 (`GPT2LMHeadModel`): plain transformers loads it, no custom code needed.", ""),
+               "nanochat": ("transformers' native NanoChat (`NanoChatForCausalLM`): no custom code needed.", ""),
                "nanogpt": ('With the `nanogpt_hf` package installed; without it, `AutoModelForCausalLM.from_pretrained('
                            '"{ref}", trust_remote_code=True)` runs the model code saved beside the weights.',
                            "import nanogpt_hf  # registers the nanogpt model type with the Auto classes\n")}
@@ -31,7 +32,8 @@ def write_model_card(folder: str, info: dict) -> None:
     config, ref = AutoConfig.from_pretrained(folder), info.get("repo_id") or PLACEHOLDER
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = AutoModelForCausalLM.from_config(config)
-    n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()  # as nanoGPT counts
+    # as nanoGPT counts: without embedding tables, but a head tied to the token embeddings counts
+    n_params = model.num_parameters(exclude_embeddings=True) + config.tie_word_embeddings * model.lm_head.weight.numel()
     data = ModelCardData(  # Hub ids only: a local path would publish the user's file system
         library_name="transformers", pipeline_tag="text-generation", license=info.get("license"),
         tags=list(dict.fromkeys(["nanogpt", "gpt2", "text-generation", *info.get("tags", [])])),
@@ -41,8 +43,9 @@ def write_model_card(folder: str, info: dict) -> None:
         if info.get("hellaswag") else None)
     arch = {"model": config.architectures[0], "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "width": config.hidden_size, "context": config.max_position_embeddings, "vocabulary": config.vocab_size,
-            "biases": getattr(config, "bias", True), "activation": config.activation_function,
-            "parameters": f"{n_params:,} ({n_params / 1e6:.2f}M, without position embeddings)"}
+            "biases": getattr(config, "bias", getattr(config, "attention_bias", True)),  # GPT-2's: always
+            "activation": getattr(config, "activation_function", getattr(config, "hidden_act", None)),
+            "parameters": f"{n_params:,} ({n_params / 1e6:.2f}M, without embedding tables)"}
     rows = [f"| {k.replace('_', ' ')} | {f'{v:,}' if isinstance(v, int) else v} |" for k, v in info.items()
             if k in ("recipe", "dataset", "base_model", "steps", "tokens_seen") and v is not None]
     training = [info.get("source") or "", *(["", "| | |", "|---|---|", *rows] if rows else [])]

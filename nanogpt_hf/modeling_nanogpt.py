@@ -1,6 +1,8 @@
 """NanoGPTForCausalLM: nanoGPT's GPT (karpathy/nanoGPT model.py) as a native transformers model.
 
-Same architecture, module names and initialisation as nanoGPT, so its state dicts load unchanged; plus the
+Same architecture, module names and initialisation as nanoGPT, so its state dicts load unchanged. The config's
+switches depart from GPT-2, each in the class it touches (rotary positions, RMSNorm, QK-norm, ReLU^2, grouped-query
+attention, an untied head, logit soft-capping, zero-initialised projections: together nanochat's GPT). Plus the
 transformers 5 conventions: the attention interface (sdpa / eager / flash), Cache objects for fast generate(),
 padding masks and positions, labels -> loss, logits_to_keep, gradient checkpointing, recorded outputs.
 
@@ -32,6 +34,9 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     # attention. Also the CPU bf16 training attention (hardware.training_attention), so kept fast: the input dtype
     # throughout (softmax accumulates in fp32 inside), the scale on q (T x hs) rather than the scores (T x S), and no
     # float mask built when there is no padding.
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves n_head // n_kv_head
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, nh, S, hs)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     att = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, nh, T, S)
     if attention_mask is not None:
         att = att + attention_mask
@@ -45,28 +50,58 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return y.transpose(1, 2).contiguous(), att  # (B, T, nh, hs)
 
 
+def make_norm(config: NanoGPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or (norm="rmsnorm") RMSNorm without parameters, as nanochat."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_epsilon, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def rotary_cos_sin(config: NanoGPTConfig, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embeddings' cos and sin at each position, (B, 1, T, hs): frequency i = rope_theta^(-2i / hs)."""
+    hs = config.n_embd // config.n_head
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=position_ids.device).float() / hs)  # (hs/2,)
+    freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
+    freqs = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hs)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i + hs/2}) by its position's angle (nanochat's sign convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, -x1), dim=-1) * sin
+
+
 class NanoGPTAttention(nn.Module):
     def __init__(self, config: NanoGPTConfig, layer_idx: int):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.num_key_value_groups = self.n_head // self.n_kv_head  # read by transformers' attention functions
         self.scaling = self.head_dim**-0.5
         self.is_causal = True  # lets sdpa use its fused causal kernels when no padding mask is needed
         self.dropout = config.dropout
-        # key, query, value projections for all heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # query, key, value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True  # scaled init, see _init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attention_mask=None, cache: Cache | None = None, **kwargs):
+    def forward(self, x, attention_mask=None, cache: Cache | None = None, position_embeddings=None, **kwargs):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv, kv], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        if position_embeddings is not None:  # rotary: (cos, sin), each (B, 1, T, hs)
+            q, k = rotate(q, *position_embeddings), rotate(k, *position_embeddings)
+        if self.config.qk_norm:
+            q = nn.functional.rms_norm(q, (self.head_dim,), eps=self.config.layer_norm_epsilon)
+            k = nn.functional.rms_norm(k, (self.head_dim,), eps=self.config.layer_norm_epsilon)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs) with S = past + T
+            k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv_head, S, hs) with S = past + T
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         y, att = attention(self, q, k, v, attention_mask, dropout=self.dropout if self.training else 0.0,
                            scaling=self.scaling, **kwargs)
@@ -90,9 +125,9 @@ class NanoGPTMLP(nn.Module):
 class NanoGPTBlock(GradientCheckpointingLayer):
     def __init__(self, config: NanoGPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = NanoGPTAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = NanoGPTMLP(config)
 
     def forward(self, x, attention_mask=None, cache=None, **kwargs):
@@ -124,7 +159,7 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
             # GPT-2's scaled init of the 2 projections per block into the residual stream; flagged on the Linear
             # itself, as transformers skips the init of modules without parameters of their own in custom code
             if getattr(module, "residual_projection", False):
-                std = std / math.sqrt(2 * self.config.n_layer)
+                std = 0.0 if self.config.zero_init_projections else std / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -135,15 +170,17 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
 
 
 class NanoGPTModel(NanoGPTPreTrainedModel):
-    """The transformer without its head: wte, wpe, drop, h, ln_f (nanoGPT's `transformer` ModuleDict)."""
+    """The transformer without its head: wte, wpe, drop, h, ln_f (nanoGPT's `transformer` ModuleDict); no wpe with
+    rotary positions; ln_emb normalises the embeddings with norm_after_embedding."""
 
     def __init__(self, config: NanoGPTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position_embedding == "learned" else None
         self.drop = nn.Dropout(config.dropout)
+        self.ln_emb = make_norm(config) if config.norm_after_embedding else nn.Identity()
         self.h = nn.ModuleList([NanoGPTBlock(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -183,16 +220,19 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
             attention_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
                                                 attention_mask=attention_mask, cache=cache, position_ids=position_ids)
 
-        x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        x = inputs_embeds if self.wpe is None else inputs_embeds + self.wpe(position_ids)  # (B, T, C)
+        x = self.ln_emb(self.drop(x))
+        rotary = None if self.wpe is not None else rotary_cos_sin(self.config, position_ids, x.dtype)
         for block in self.h:
             # a cache passed in is read and extended even with use_cache=False (as GPT-2 does): that only keeps it
             # out of the output. By keyword: GradientCheckpointingLayer drops cache= from the recomputation
-            x = block(x, attention_mask, cache=cache, position_ids=position_ids, **kwargs)
+            x = block(x, attention_mask, cache=cache, position_ids=position_ids, position_embeddings=rotary, **kwargs)
         x = self.ln_f(x)
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None)
 
     def check_length(self, length, attention_mask) -> None:
-        """Refuse a sequence past block_size (there is no position embedding for it). Padding takes no positions,
+        """Refuse a sequence past block_size (no position embedding was learned for it; rotary ones were not trained
+        there). Padding takes no positions,
         so only real tokens count. A static cache's token count lives on the device (reading it would sync and split
         a compiled decoding step): its capacity, the longest sequence generate will make, is checked instead."""
         block_size = self.config.block_size
@@ -231,6 +271,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         # only compute the logits that are needed (the last position when generating)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])  # (B, T', vocab_size)
+        if cap := self.config.final_logit_softcapping:  # squashed smoothly into (-cap, cap)
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if labels is not None or kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -247,11 +289,13 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
             return super().generate(*args, **kwargs)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count as nanoGPT reports it: position embeddings excluded by default; the token embeddings
-        count once, being shared with lm_head."""
+        """Parameter count as nanoGPT reports it: embedding tables excluded by default, but tied token embeddings
+        count once, as lm_head (so the count is the weights that do matmuls: what MFU counts)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.transformer.wpe is not None:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_word_embeddings:
+            n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     def crop_block_size(self, block_size: int) -> None:
@@ -259,7 +303,8 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"crop_block_size: block_size must be in [1, {self.config.block_size}], got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        if self.transformer.wpe is not None:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
 
 
 __all__ = ["NanoGPTForCausalLM", "NanoGPTModel", "NanoGPTPreTrainedModel"]

@@ -39,7 +39,9 @@ demo on the shipped corpus), whose values the defaults below show. Tokens per op
 gradient_accumulation_steps x block_size, whatever the number of processes (each takes 1/N of the step's rows)."""
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resume cannot change these
+# the settings that shape the model, NanoGPTConfig's names: a resume cannot change them
+ARCHITECTURE = [f.name for f in dataclasses.fields(TrainSettings)
+                if f.name in NanoGPTConfig.__annotations__ and f.name != "dropout"]
 
 
 def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,
@@ -56,32 +58,49 @@ def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_d
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def learning_rates(s: TrainSettings, step: int) -> list[float]:
+    """Each optimizer's LR at a step: nanoGPT's schedule for AdamW, the same curve scaled to muon_lr for Muon."""
+    decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else s.max_iters  # None: follow max_iters
+    lr = get_lr(step, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters, s.decay_lr)
+    return [lr, lr * s.muon_lr / s.learning_rate] if s.optimizer == "muon" else [lr]
+
+
+def configure_optimizers(model, s: TrainSettings, device_type: str) -> list[torch.optim.Optimizer]:
+    """[AdamW] or, with optimizer=muon, [AdamW, Muon]: Muon takes the 2-D parameters of the blocks, AdamW the rest."""
+    hidden = [p for p in model.transformer.h.parameters() if p.dim() == 2 and p.requires_grad]  # the blocks' matrices
+    muon = hidden if s.optimizer == "muon" else []
+    adamw = configure_optimizer(model, s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type, skip=muon)
+    return [adamw] + ([torch.optim.Muon(muon, s.muon_lr, s.weight_decay, s.muon_momentum)] if muon else [])
+
+
 def configure_optimizer(model, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                        device_type: str) -> torch.optim.AdamW:
+                        device_type: str, skip=()) -> torch.optim.AdamW:
     """nanoGPT's AdamW: weight decay on 2-D tensors only (not biases, norms); fused: one kernel per tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    skip = {id(p) for p in skip}  # parameters another optimizer steps
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]  # tied weights appear once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
-def prepare_model(accelerator, model, optimizer):
+def prepare_model(accelerator, model, optimizers: list):
     """accelerator.prepare, without its mixed-precision forward wrapper: it copied the (B, T, vocab) logits to fp32
     (3.5-5% of a GPT-2 124M step on an H200). Every forward runs under accelerator.autocast() instead."""
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
     inner = accelerator.unwrap_model(model)  # (DDP, FSDP1 unwrapped) what accelerate patched, if it did
     if inner.__dict__.pop("_original_forward", None) is not None:
         inner.__dict__.pop("forward", None)  # the class's forward again, its decorators kept
-    return model, optimizer
+    return model, optimizers
 
 
-def train_step(accelerator, model, optimizer, micro_batches, lr: float, grad_clip: float) -> torch.Tensor:
+def train_step(accelerator, model, optimizers: list, micro_batches, lrs: list[float], grad_clip: float) -> torch.Tensor:
     """One optimizer step over this process's micro-batches (x, y), nanoGPT style: each loss divided by their number,
-    gradients synchronised on the last one only, clipped, AdamW. Returns the mean loss, detached, without a sync."""
+    gradients synchronised on the last one only, clipped, each optimizer at its lr. Returns the mean loss, no sync."""
     micro_batches = list(micro_batches)
     n = len(micro_batches)
-    for group in optimizer.param_groups:
-        group["lr"] = lr  # set by hand: a prepared scheduler would step once per process
+    for optimizer, lr in zip(optimizers, lrs, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # set by hand: a prepared scheduler would step once per process
     total = torch.zeros((), device=accelerator.device)
     for i, (x, y) in enumerate(micro_batches):
         with accelerator.no_sync(model) if i < n - 1 else contextlib.nullcontext(), accelerator.autocast():
@@ -90,8 +109,9 @@ def train_step(accelerator, model, optimizer, micro_batches, lr: float, grad_cli
         total += loss.detach()
     if grad_clip > 0.0:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return total
 
 
@@ -146,9 +166,9 @@ def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[Tra
     saved = TrainSettings(**{k: v for k, v in ts["settings"].items() if k in TrainSettings.__dataclass_fields__})
     changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
     for k in changed:
-        if k in ARCHITECTURE:
+        if k in ARCHITECTURE or k == "optimizer":  # the model, or the optimizer states, would not load
             raise UserError(f"cannot resume with {k}={changed[k]!r}: the run in {out_dir} was trained with "
-                            f"{k}={getattr(saved, k)!r}; start a new out_dir to change the architecture")
+                            f"{k}={getattr(saved, k)!r}; start a new out_dir to change {k}")
     notes = [f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}" for k, v in changed.items()]
     return dataclasses.replace(saved, **changed, init_from="resume", out_dir=out_dir), state, notes
 
@@ -191,6 +211,11 @@ def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise UserError("DeepSpeed is not supported: its engine steps the optimizer and clips gradients itself; use "
                         "FSDP or DDP (accelerate config)")
+    if s.optimizer == "muon" and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("optimizer=muon does not work under FSDP: a sharded matrix cannot be orthogonalised shard by "
+                        "shard; use DDP, or --optimizer=adamw")
+    if s.optimizer == "muon" and accelerator.mixed_precision == "fp16":  # the loss scaler would unscale Muon's twice
+        raise UserError("optimizer=muon does not work with float16 loss scaling: use --dtype=bfloat16 or float32")
     if s.rows_per_step % accelerator.num_processes:
         raise UserError(f"batch_size x gradient_accumulation_steps ({s.rows_per_step}) must be divisible by the "
                         f"number of processes ({accelerator.num_processes})")
@@ -234,8 +259,8 @@ def build_model(s: TrainSettings, state: str | None, data) -> tuple[NanoGPTForCa
         gpt2 = data.tokenizer_kind == "gpt2"  # nanoGPT's 50304: 50257 padded to a multiple of 64
         eot = 50256 if gpt2 else None
         return NanoGPTForCausalLM(NanoGPTConfig(
-            block_size=s.block_size, vocab_size=max(data.vocab_size, 50304 if gpt2 else 0), n_layer=s.n_layer,
-            n_head=s.n_head, n_embd=s.n_embd, dropout=s.dropout, bias=s.bias, bos_token_id=eot, eos_token_id=eot)), s
+            **{k: getattr(s, k) for k in ARCHITECTURE}, vocab_size=max(data.vocab_size, 50304 if gpt2 else 0),
+            dropout=s.dropout, bos_token_id=eot, eos_token_id=eot)), s
     if s.init_from == "resume":
         check_same_tokenizer(AutoTokenizer.from_pretrained(state), data, f"the run in {s.out_dir}")
         return NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout)), s
@@ -245,8 +270,7 @@ def build_model(s: TrainSettings, state: str | None, data) -> tuple[NanoGPTForCa
         raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
                         f"use --block_size={model.config.block_size} or less")
     model.crop_block_size(s.block_size)
-    c = model.config
-    return model, dataclasses.replace(s, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias)
+    return model, dataclasses.replace(s, **{k: getattr(model.config, k) for k in ARCHITECTURE})
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -260,7 +284,7 @@ class Run:
     accelerator: Accelerator
     model: torch.nn.Module  # prepared (DDP/FSDP) and maybe compiled: what steps and evaluations call
     raw: NanoGPTForCausalLM  # the model itself
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # [AdamW] or [AdamW, Muon]
     streams: dict
     tokenizer: object
     ckpt: Checkpointer
@@ -299,14 +323,13 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
                      vocab_fix="train on a dataset prepared with the model's tokenizer")
     model.generation_config.eos_token_id = model.generation_config.bos_token_id = model.config.eos_token_id
     model.set_attn_implementation(training_attention(device_type, accelerator.mixed_precision))  # not saved
-    optimizer = configure_optimizer(model.train(), s.weight_decay, s.learning_rate, (s.beta1, s.beta2), device_type)
-    prepared, optimizer = prepare_model(accelerator, model, optimizer)
+    prepared, optimizers = prepare_model(accelerator, model, configure_optimizers(model.train(), s, device_type))
     compiled = s.compile if s.compile is not None else compile_by_default(device_type)
     # compiled after prepare: states hold the plain keys and resume with compile on or off
     record = dict(settings=dataclasses.asdict(s), recipes=recipes)
     tokenizer = data.tokenizer()
     tokenizer.model_max_length = s.block_size  # tok(text, truncation=True) then gives what the model accepts
-    run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizer,
+    run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizers,
               {split: data.stream(split) for split in ("train", "val")}, tokenizer,
               Checkpointer(accelerator, s.out_dir, s.keep_states), record, {})
     if s.hellaswag:  # before training, so that a bad file is refused at once
@@ -327,7 +350,11 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
 
 def resume(run: Run, state: str, device_type: str) -> None:
     """Weights, optimizer, every RNG and the counters from a state; what the run is on record stays the original."""
+    hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in run.optimizers]
     run.ckpt.load_state(state)
+    for opt, groups in zip(run.optimizers, hyper):  # the settings' weight decay, betas...: a resume may change them
+        for group, values in zip(opt.param_groups, groups):
+            group.update(values)
     ts = read_trainer_state(state)
     run.step = run.first_step = run.last_log = ts["step"]
     run.best_val_loss, run.tokens_seen, run.evaluated = ts["best_val_loss"], ts["tokens_seen"], ts["evaluated"]
@@ -469,16 +496,15 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             run.evaluated = False
             if run.step >= s.max_iters:
                 break
-            decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else s.max_iters  # None: follow max_iters
-            lr = get_lr(run.step, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters, s.decay_lr)
+            lrs = learning_rates(s, run.step)
             batches = micro_batches(run.streams["train"], s, run.step, acc.process_index, acc.num_processes,
                                     acc.device)
-            loss = train_step(acc, run.model, run.optimizer, batches, lr, s.grad_clip)
+            loss = train_step(acc, run.model, run.optimizers, batches, lrs, s.grad_clip)
             run.step += 1
             run.tokens_seen += s.tokens_per_step
             progress.update(1)
             if run.step % s.log_interval == 0 or run.step == s.max_iters:
-                log_step(run, loss, lr, progress)
+                log_step(run, loss, lrs[0], progress)  # AdamW's lr
                 if acc.check_trigger():  # SIGINT/SIGTERM on any process, agreed at log steps
                     exit_code = stop_and_save(run, stop)
                     break

@@ -88,8 +88,8 @@ def test_settings_have_nanogpt_names_and_defaults():
     (["--backend=foo"], "setting 'backend' must be one of auto, nccl, gloo; got 'foo'"),
     (["missing.yaml"], "recipe 'missing.yaml' does not exist"),
     (["--beta2=1.5"], "setting 'beta2' must be in [0, 1), got 1.5"),
-    (["--learning_rate=-1e-3"], "setting 'learning_rate' must be in [0, inf), got -0.001"),
-    (["--learning_rate=nan"], "setting 'learning_rate' must be in [0, inf), got nan"),
+    (["--learning_rate=-1e-3"], "setting 'learning_rate' must be in (0, inf), got -0.001"),
+    (["--learning_rate=nan"], "setting 'learning_rate' must be in (0, inf), got nan"),
     (["--keep_states=-1"], "setting 'keep_states' must be in [0, inf), got -1"),
 ])
 def test_bad_settings_are_one_clear_line(argv, message, capsys):
@@ -196,7 +196,7 @@ def test_gradient_accumulation_4x3_equals_1x12(char_data):
         acc = Accelerator(cpu=True, mixed_precision="no")
         model, opt = acc.prepare(model, opt)
         micro = list(zip(x.chunk(chunks), y.chunk(chunks)))
-        loss = train_step(acc, model, opt, micro, lr=1.0, grad_clip=1.0)
+        loss = train_step(acc, model, [opt], micro, lrs=[1.0], grad_clip=1.0)
         results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
@@ -287,7 +287,7 @@ def test_prepared_model_keeps_logits_in_the_autocast_dtype():
     torch.manual_seed(0)
     model = scratch_model(tiny("unused", "unused"), 65).train()
     acc = Accelerator(cpu=True, mixed_precision="bf16")
-    model, _ = prepare_model(acc, model, configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu"))
+    model, _ = prepare_model(acc, model, [configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")])
     x = torch.randint(65, (2, 8))
     with acc.autocast():
         out = model(input_ids=x, shift_labels=x, use_cache=False)
