@@ -1,13 +1,14 @@
 """GPT-2 + AdamW against nanochat's architecture (+ AdamW, + Muon) on the laptop recipe: validation loss against steps
 and against training time, two seeds each, one plot.
 
-    python benchmarks/bench_modern.py [--seeds=1337,1338] [--max_iters=2000] [--eval_interval=100] [--threads=0]
+    python benchmarks/bench_modern.py [--seeds=1337,1338] [--max_iters=N] [--eval_interval=100] [--threads=0]
 
 Runs train.py as whole processes, interleaved (seed by seed, the three configurations in turn), on the shipped
 tiny Shakespeare (characters):
-- gpt2+adamw:   recipes/shakespeare_char_cpu.yaml (4 layers, 128 wide, block 64, batch 12);
-- modern+adamw: recipes/shakespeare_char_modern.yaml --optimizer=adamw (the same size, nanochat's switches);
+- gpt2+adamw:   recipes/shakespeare_char_cpu.yaml (4 layers, 128 wide, block 64, batch 12, 2000 steps);
+- modern+adamw: recipes/shakespeare_char_modern.yaml --optimizer=adamw (the same size, nanochat's switches, 600 steps);
 - modern+muon:  recipes/shakespeare_char_modern.yaml (Muon for the blocks' matrices).
+Each recipe runs its own max_iters unless --max_iters is given.
 Training time is the sum of each step's ms_per_iter in metrics.jsonl (evaluations left out). Prints each run's final
 val loss and time, then, per configuration, the median time to reach the GPT-2 recipe's median final val loss and its
 ratio to the GPT-2 recipe's time (the target: <= 0.6). Writes the plot to benchmarks/modern_vs_gpt2.png.
@@ -31,7 +32,8 @@ def run(name: str, seed: int, args, folder: str) -> dict:
     """One training run; returns its curve: [(step, seconds of training so far, val loss)]."""
     out = os.path.join(folder, f"{name}-{seed}")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *CONFIGS[name], f"--out_dir={out}", f"--seed={seed}",
-           f"--max_iters={args.max_iters}", f"--eval_interval={args.eval_interval}", "--eval_iters=50",
+           *([f"--max_iters={args.max_iters}"] if args.max_iters else []), f"--eval_interval={args.eval_interval}",
+           "--eval_iters=50",
            "--log_interval=1", "--sample_at_end=false", f"--threads={args.threads}", f"--data_dir={folder}/data"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     with open(os.path.join(out, "metrics.jsonl")) as fh:
@@ -77,7 +79,7 @@ def plot(curves: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1337,1338")
-    parser.add_argument("--max_iters", type=int, default=2000)
+    parser.add_argument("--max_iters", type=int, default=None, help="default: each recipe's")
     parser.add_argument("--eval_interval", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--plot", default=os.path.join(ROOT, "benchmarks", "modern_vs_gpt2.png"))

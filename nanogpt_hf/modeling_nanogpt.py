@@ -58,18 +58,18 @@ def make_norm(config: NanoGPTConfig) -> nn.Module:
 
 
 def rotary_cos_sin(config: NanoGPTConfig, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embeddings' cos and sin at each position, (B, 1, T, hs): frequency i = rope_theta^(-2i / hs)."""
+    """Rotary embeddings' cos and sin at each position, (B, T, 1, hs): frequency i = rope_theta^(-2i / hs)."""
     hs = config.n_embd // config.n_head
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=position_ids.device).float() / hs)  # (hs/2,)
-    freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, hs/2)
-    freqs = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, hs)
+    freqs = position_ids[:, :, None, None].float() * inv_freq  # (B, T, 1, hs/2)
+    freqs = torch.cat((freqs, freqs), dim=-1)  # (B, T, 1, hs)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_i, x_{i + hs/2}) by its position's angle (nanochat's sign convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((x2, -x1), dim=-1) * sin
+    """Rotate each pair (x_i, x_{i + hs/2}) of every head by its position's angle (nanochat's sign convention)."""
+    x1, x2 = x.chunk(2, dim=-1)  # x (B, T, heads, hs); in x's dtype, autocast's bf16 included
+    return x * cos.to(x.dtype) + torch.cat((x2, -x1), dim=-1) * sin.to(x.dtype)
 
 
 class NanoGPTAttention(nn.Module):
@@ -90,16 +90,14 @@ class NanoGPTAttention(nn.Module):
 
     def forward(self, x, attention_mask=None, cache: Cache | None = None, position_embeddings=None, **kwargs):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        kv = self.n_kv_head * self.head_dim
-        q, k, v = self.c_attn(x).split([C, kv, kv], dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
-        if position_embeddings is not None:  # rotary: (cos, sin), each (B, 1, T, hs)
-            q, k = rotate(q, *position_embeddings), rotate(k, *position_embeddings)
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, heads, hs)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)  # queries and keys side by side
+        if position_embeddings is not None:  # rotary: (cos, sin), each (B, T, 1, hs)
+            qk = rotate(qk, *position_embeddings)
         if self.config.qk_norm:
-            q = nn.functional.rms_norm(q, (self.head_dim,), eps=self.config.layer_norm_epsilon)
-            k = nn.functional.rms_norm(k, (self.head_dim,), eps=self.config.layer_norm_epsilon)
+            qk = nn.functional.rms_norm(qk, (self.head_dim,), eps=self.config.layer_norm_epsilon)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, n_kv_head, T, hs)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv_head, S, hs) with S = past + T
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)

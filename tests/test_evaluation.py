@@ -50,9 +50,9 @@ def write_rows(path, docs=DOCS):
     return str(path)
 
 
-def tiny_model(vocab_size, block_size, seed=0):
+def tiny_model(vocab_size, block_size, seed=0, **switches):
     torch.manual_seed(seed)
-    config = NanoGPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+    config = NanoGPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **switches)
     return NanoGPTForCausalLM(config).eval()
 
 
@@ -98,11 +98,15 @@ def direct_scores(model, tokenizer, example, block_size):
     return scores
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "char"])
+MODERN = dict(position_embedding="rotary", norm="rmsnorm", norm_after_embedding=True, qk_norm=True, n_kv_head=1,
+              activation_function="relu2", tie_word_embeddings=False, final_logit_softcapping=15.0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "char-modern"])
 @torch.no_grad()
 def test_batched_scores_equal_the_direct_computation(tmp_path, kind):
     tok, vocab, block = (gpt2_tokenizer(), 50304, 24) if kind == "gpt2" else (char_tokenizer(CHARS), len(CHARS), 64)
-    model = tiny_model(vocab, block)
+    model = tiny_model(vocab, block, **(MODERN if kind == "char-modern" else {}))
     examples = load_hellaswag(write_rows(tmp_path / "val.jsonl"))
     direct = torch.tensor([direct_scores(model, tok, ex, block) for ex in examples])
     batched = choice_logprobs(model, tok, examples, block)

@@ -102,6 +102,9 @@ for folder, expected in zip({folders!r}, torch.load({str(tmp_path / "tokens.pt")
     m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     out = m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False)
     assert torch.equal(out, expected), folder
+from transformers import pipeline
+text = pipeline("text-generation", model={folders[0]!r}, trust_remote_code=True)("ROMEO:", max_new_tokens=10)
+assert len(text[0]["generated_text"]) == 16, text  # rotary positions through pipeline
 assert "nanogpt_hf" not in sys.modules
 print("OK")
 """

@@ -770,8 +770,10 @@ def test_two_processes_match_one_process(char_data, tmp_path):
 @pytest.mark.slow
 def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_path):
     # under FSDP the first save deadlocked (rank 0 alone gathered the sharded weights); FSDP2 also swaps the model's
-    # class, whose code save_pretrained copied instead of ours. eval_iters 3 over 2 processes: uneven forwards hung
-    args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+    # class, whose code save_pretrained copied instead of ours. eval_iters 3 over 2 processes: uneven forwards hung.
+    # With the modern switches (their modules sharded too), GPT-2's tied head kept
+    args = ["--position_embedding=rotary", "--norm=rmsnorm", "--qk_norm", "--n_kv_head=1", "--activation_function=relu2",
+            "--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
             "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=2",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
             "--dtype=float32", "--device=cpu", "--sample_at_end=false"]
