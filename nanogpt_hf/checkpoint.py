@@ -128,9 +128,8 @@ class Checkpointer:
         raw = self.accelerator.unwrap_model(model)
         if not self.main:
             return
-        if raw.config.tie_word_embeddings:  # gathered tensors no longer share storage: save the head once
-            for tied in NanoGPTForCausalLM._tied_weights_keys:
-                full.pop(tied, None)
+        for tied in NanoGPTForCausalLM._tied_weights_keys if raw.config.tie_word_embeddings else ():
+            full.pop(tied, None)  # gathered tensors no longer share storage: a tied head is saved once
         if type(raw) is not NanoGPTForCausalLM:  # FSDP2's fully_shard swapped its class: save as ours
             with torch.device("meta"):
                 ours = NanoGPTForCausalLM(raw.config)

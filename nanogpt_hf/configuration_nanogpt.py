@@ -7,9 +7,11 @@ only transformers: save_pretrained copies it next to the weights for trust_remot
 
 from transformers import PreTrainedConfig
 
-# the values a switch takes, GPT-2's first; activations: exact GELU (nanoGPT), tanh GELU (OpenAI's GPT-2 weights), ReLU^2
+# the values a switch takes, GPT-2's first; activations: exact GELU (nanoGPT), tanh GELU (OpenAI's weights), ReLU^2
 CHOICES = {"activation_function": ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu2"),
            "position_embedding": ("learned", "rotary"), "norm": ("layernorm", "rmsnorm")}
+SWITCHES = ("position_embedding", "rope_theta", "norm", "norm_after_embedding", "qk_norm", "n_kv_head",
+            "tie_word_embeddings", "final_logit_softcapping", "zero_init_projections")  # departures from GPT-2
 
 
 class NanoGPTConfig(PreTrainedConfig):
@@ -61,6 +63,8 @@ class NanoGPTConfig(PreTrainedConfig):
             raise ValueError(f"NanoGPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if self.position_embedding == "rotary" and (self.n_embd // self.n_head) % 2:
             raise ValueError("NanoGPTConfig: rotary embeddings need an even head size (n_embd // n_head)")
+        cap = self.final_logit_softcapping  # a float (NanoChat's config is strict); 0 means no cap, as None
+        self.final_logit_softcapping = float(cap) if cap else None
         super().__post_init__(**kwargs)
 
 

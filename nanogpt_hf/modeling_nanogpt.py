@@ -30,10 +30,10 @@ from .configuration_nanogpt import NanoGPTConfig
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    # query (B, nh, T, hs), key/value (B, nh, S, hs); attention_mask additive (B, 1, T, S), or None for plain causal
-    # attention. Also the CPU bf16 training attention (hardware.training_attention), so kept fast: the input dtype
-    # throughout (softmax accumulates in fp32 inside), the scale on q (T x hs) rather than the scores (T x S), and no
-    # float mask built when there is no padding.
+    # query (B, nh, T, hs), key/value (B, n_kv_head, S, hs); attention_mask additive (B, 1, T, S), or None for plain
+    # causal attention. Also the CPU bf16 training attention (hardware.training_attention), so kept fast: the input
+    # dtype throughout (softmax accumulates in fp32 inside), the scale on q (T x hs) rather than the scores (T x S), and
+    # no float mask built when there is no padding.
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves n_head // n_kv_head
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, nh, S, hs)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
@@ -61,7 +61,7 @@ def rotary_cos_sin(config: NanoGPTConfig, position_ids: torch.Tensor, dtype) -> 
     """Rotary embeddings' cos and sin at each position, (B, T, 1, hs): frequency i = rope_theta^(-2i / hs)."""
     hs = config.n_embd // config.n_head
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=position_ids.device).float() / hs)  # (hs/2,)
-    freqs = position_ids[:, :, None, None].float() * inv_freq  # (B, T, 1, hs/2)
+    freqs = position_ids[..., None, None].float() * inv_freq  # (B, T, 1, hs/2); (T, 1, hs/2) for (T,) positions
     freqs = torch.cat((freqs, freqs), dim=-1)  # (B, T, 1, hs)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
@@ -168,8 +168,7 @@ class NanoGPTPreTrainedModel(PreTrainedModel):
 
 
 class NanoGPTModel(NanoGPTPreTrainedModel):
-    """The transformer without its head: wte, wpe, drop, h, ln_f (nanoGPT's `transformer` ModuleDict); no wpe with
-    rotary positions; ln_emb normalises the embeddings with norm_after_embedding."""
+    """The transformer without its head: nanoGPT's wte, wpe (learned positions), drop, h, ln_f; ln_emb (or none)."""
 
     def __init__(self, config: NanoGPTConfig):
         super().__init__(config)
@@ -219,7 +218,7 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
                                                 attention_mask=attention_mask, cache=cache, position_ids=position_ids)
 
         x = inputs_embeds if self.wpe is None else inputs_embeds + self.wpe(position_ids)  # (B, T, C)
-        x = self.ln_emb(self.drop(x))
+        x = self.drop(self.ln_emb(x))
         rotary = None if self.wpe is not None else rotary_cos_sin(self.config, position_ids, x.dtype)
         for block in self.h:
             # a cache passed in is read and extended even with use_cache=False (as GPT-2 does): that only keeps it
@@ -229,8 +228,8 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None)
 
     def check_length(self, length, attention_mask) -> None:
-        """Refuse a sequence past block_size (no position embedding was learned for it; rotary ones were not trained
-        there). Padding takes no positions,
+        """Refuse a sequence past block_size (learned positions end there; rotary ones were never trained past it).
+        Padding takes no positions,
         so only real tokens count. A static cache's token count lives on the device (reading it would sync and split
         a compiled decoding step): its capacity, the longest sequence generate will make, is checked instead."""
         block_size = self.config.block_size

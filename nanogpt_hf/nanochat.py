@@ -1,5 +1,4 @@
-"""Our modern GPT as transformers' native NanoChatForCausalLM (model_type "nanochat"): a folder that needs no custom
-code, with the same logits. nanochat's architecture is our switches at these values; the rest maps one to one."""
+"""Our modern GPT as transformers' native NanoChatForCausalLM: no custom code, the same logits; weights map 1:1."""
 
 import torch
 from transformers import NanoChatConfig, NanoChatForCausalLM
@@ -27,8 +26,7 @@ def to_nanochat(model) -> NanoChatForCausalLM:
     config = NanoChatConfig(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=n_kv, max_position_embeddings=c.block_size,
-        hidden_act="relu2", rms_norm_eps=c.layer_norm_epsilon,
-        final_logit_softcapping=c.final_logit_softcapping or None,  # ours reads 0 as no cap, NanoChat divides by it
+        hidden_act="relu2", rms_norm_eps=c.layer_norm_epsilon, final_logit_softcapping=c.final_logit_softcapping,
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
     ours = {k: v.detach().float() for k, v in model.state_dict().items()}
@@ -43,6 +41,6 @@ def to_nanochat(model) -> NanoChatForCausalLM:
                       theirs_i + "mlp.fc1.weight": ours[ours_i + "mlp.c_fc.weight"],
                       theirs_i + "mlp.fc2.weight": ours[ours_i + "mlp.c_proj.weight"]})
     nanochat = NanoChatForCausalLM(config).to(torch.float32)
-    nanochat.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=not c.tie_word_embeddings)
+    nanochat.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     nanochat.generation_config = model.generation_config
     return nanochat

@@ -259,26 +259,21 @@ class TrainSettings:
     dropout: float = setting(0.0, "dropout; 0 for pretraining, 0.1+ for finetuning", range="[0, 1)")
     bias: bool = setting(False, "biases in Linear and LayerNorm layers")
     # model: departures from GPT-2, each alone or together (nanochat's GPT: recipes/shakespeare_char_modern.yaml)
-    position_embedding: Literal["learned", "rotary"] = setting("learned", "learned: a table of block_size positions "
-                                                                          "(GPT-2) | rotary: RoPE on queries and keys")
+    position_embedding: Literal["learned", "rotary"] = setting("learned", "learned (GPT-2) | rotary (RoPE on q and k)")
     rope_theta: float = setting(10000.0, "rotary embeddings' base", range="(0, inf)")
     norm: Literal["layernorm", "rmsnorm"] = setting("layernorm", "layernorm (GPT-2) | rmsnorm (without parameters)")
     norm_after_embedding: bool = setting(False, "normalise the embeddings before the first block")
     qk_norm: bool = setting(False, "RMSNorm of each head's queries and keys")
-    activation_function: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu2"] = setting(
-        "gelu", "MLP activation: gelu (nanoGPT) | gelu_new (OpenAI's GPT-2) | relu2 (ReLU squared)")
+    activation_function: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu2"] = setting("gelu", "MLP activation")
     n_kv_head: int | None = setting(None, "grouped-query attention's key/value heads (none: n_head)", range="[1, inf)")
     tie_word_embeddings: bool = setting(True, "the output head is the token embedding (false: a head of its own)")
-    final_logit_softcapping: float | None = setting(None, "logits = cap * tanh(logits / cap); none: off",
-                                                    range="(0, inf)")
+    final_logit_softcapping: float | None = setting(None, "logits = cap * tanh(logits / cap)", range="(0, inf)")
     zero_init_projections: bool = setting(False, "each block's two output projections start at zero")
     # optimizer
-    optimizer: Literal["adamw", "muon"] = setting("adamw", "adamw: AdamW for every parameter (nanoGPT) | muon: Muon "
-                                                           "for the blocks' 2-D matrices, AdamW for the embeddings, an "
-                                                           "untied head and the 1-D parameters (nanochat)")
-    learning_rate: float = setting(6e-4, "max learning rate (AdamW's)", range="(0, inf)")
-    muon_lr: float = setting(0.02, "Muon's max learning rate; its schedule is learning_rate's, scaled",
-                             range="(0, inf)")
+    optimizer: Literal["adamw", "muon"] = setting("adamw", "adamw (nanoGPT) | muon: Muon for the blocks' matrices, "
+                                                           "AdamW for the rest (nanochat)")
+    learning_rate: float = setting(6e-4, "max learning rate (AdamW's)", range="[0, inf)")
+    muon_lr: float = setting(0.02, "Muon's max learning rate: learning_rate's schedule, scaled", range="(0, inf)")
     muon_momentum: float = setting(0.95, "Muon's momentum (Nesterov)", range="[0, 1)")
     max_iters: int = setting(600000, "total optimizer steps", range="[0, inf)")
     weight_decay: float = setting(0.1, "weight decay of the 2-D weights, AdamW's and Muon's", range="[0, inf)")

@@ -62,7 +62,7 @@ def learning_rates(s: TrainSettings, step: int) -> list[float]:
     """Each optimizer's LR at a step: nanoGPT's schedule for AdamW, the same curve scaled to muon_lr for Muon."""
     decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else s.max_iters  # None: follow max_iters
     lr = get_lr(step, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters, s.decay_lr)
-    return [lr, lr * s.muon_lr / s.learning_rate] if s.optimizer == "muon" else [lr]
+    return [lr, lr * s.muon_lr / s.learning_rate if s.learning_rate else 0.0] if s.optimizer == "muon" else [lr]
 
 
 def configure_optimizers(model, s: TrainSettings, device_type: str) -> list[torch.optim.Optimizer]:
@@ -250,9 +250,10 @@ def check_same_tokenizer(theirs, data, name: str) -> None:
                         "mean other characters): train on a dataset prepared from the same characters")
 
 
-def build_model(s: TrainSettings, state: str | None, data) -> tuple[NanoGPTForCausalLM, TrainSettings]:
+def build_model(s: TrainSettings, state: str | None, data, explicit: dict) -> tuple[NanoGPTForCausalLM, TrainSettings]:
     """The model for init_from: scratch (shaped by the settings and the dataset's vocabulary), resume (the state's
-    config), or a checkpoint (finetuning, cropped to block_size). The settings then describe the model built."""
+    config), or a checkpoint (finetuning, cropped to block_size). The settings then describe the model built; an
+    architecture setting given explicitly that a resumed or finetuned model does not have is refused, not ignored."""
     from transformers import AutoTokenizer
 
     if s.init_from == "scratch":
@@ -263,13 +264,17 @@ def build_model(s: TrainSettings, state: str | None, data) -> tuple[NanoGPTForCa
             dropout=s.dropout, bos_token_id=eot, eos_token_id=eot)), s
     if s.init_from == "resume":
         check_same_tokenizer(AutoTokenizer.from_pretrained(state), data, f"the run in {s.out_dir}")
-        return NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout)), s
-    model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
-    check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'")
-    if s.block_size > model.config.block_size:
-        raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
-                        f"use --block_size={model.config.block_size} or less")
-    model.crop_block_size(s.block_size)
+        model = NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout))
+    else:
+        model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
+        check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'")
+        if s.block_size > model.config.block_size:
+            raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
+                            f"use --block_size={model.config.block_size} or less")
+        model.crop_block_size(s.block_size)
+    for k in (k for k in ARCHITECTURE if k in explicit and explicit[k] != getattr(model.config, k)):
+        raise UserError(f"init_from={s.init_from}: its model has {k}={getattr(model.config, k)!r}, which this run "
+                        f"keeps; to train with {k}={explicit[k]!r}, start a new run from scratch")
     return model, dataclasses.replace(s, **{k: getattr(model.config, k) for k in ARCHITECTURE})
 
 
@@ -318,7 +323,7 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         accelerator.print(note)
     data = open_dataset(resolve_dataset(s, accelerator))
     set_seed(s.seed)  # the same initial weights on every process
-    model, s = build_model(s, state, data)
+    model, s = build_model(s, state, data, explicit)
     check_compatible(data.meta, model.config.vocab_size, s.block_size,
                      vocab_fix="train on a dataset prepared with the model's tokenizer")
     model.generation_config.eos_token_id = model.generation_config.bos_token_id = model.config.eos_token_id

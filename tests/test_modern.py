@@ -113,16 +113,15 @@ print("OK")
 
 
 def test_each_switch_changes_what_it_names():
+    """With the same weights, each switch that keeps GPT-2's parameters changes the function (rotary, GQA and the
+    untied head change the parameters; their function is checked against NanoChat in test_nanochat.py)."""
     gpt2 = {k: getattr(NanoGPTConfig(), k) for k in MODERN}
     base = random_model(modern_config(**gpt2))
     x = torch.randint(0, 300, (2, 16))
-    for name, switch in SWITCHES.items():
-        model = random_model(modern_config(**{**gpt2, **switch}))
-        same = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"
-                and v.shape == model.state_dict().get(k, v[:0]).shape}
-        model.load_state_dict(same, strict=False)  # the weights both have (an untied head keeps its own)
-        if name != "zero_init":  # an initialisation only
-            assert not torch.allclose(model(x).logits, base(x).logits, atol=1e-4), name
+    for name in ("rmsnorm", "norm_after_embedding", "qk_norm", "relu2", "softcap"):
+        model = random_model(modern_config(**{**gpt2, **SWITCHES[name]}))
+        model.load_state_dict(base.state_dict(), strict=False)  # RMSNorm has no weights to take
+        assert not torch.allclose(model(x).logits, base(x).logits, atol=1e-4), name
     assert random_model(modern_config(final_logit_softcapping=3.0))(x).logits.abs().max() < 3.0
     params = dict(NanoGPTForCausalLM(modern_config()).named_parameters())
     assert "transformer.wpe.weight" not in params and not any(".ln_" in k for k in params)  # rotary, parameter-free
@@ -137,8 +136,10 @@ def test_num_params_counts_what_does_matmuls():
     model = NanoGPTForCausalLM(modern_config())
     total = sum(p.numel() for p in model.parameters())
     assert model.get_num_params() == total - model.transformer.wte.weight.numel()
-    tied = NanoGPTForCausalLM(modern_config(tie_word_embeddings=False, position_embedding="learned"))
-    assert tied.get_num_params() == sum(p.numel() for p in tied.parameters()) - 300 * 64 - 64 * 64
+    learned = NanoGPTForCausalLM(modern_config(position_embedding="learned"))  # untied: both tables left out
+    assert learned.get_num_params() == sum(p.numel() for p in learned.parameters()) - 300 * 64 - 64 * 64
+    tied = NanoGPTForCausalLM(modern_config(tie_word_embeddings=True))  # the shared table counts once, as the head
+    assert tied.get_num_params() == sum(p.numel() for p in tied.parameters()) == model.get_num_params()
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -187,3 +188,43 @@ def test_a_resume_cannot_switch_the_architecture(char_data, tmp_path, capsys):
                        "--device=cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "error: cannot resume with qk_norm=True" in err and err.count("\n") == 1
+
+
+def test_rotary_takes_1d_position_ids_like_learned_positions():
+    model = random_model(modern_config())
+    x = torch.randint(0, 300, (2, 10))
+    assert torch.equal(model(x, position_ids=torch.arange(10)).logits, model(x).logits)
+
+
+def test_a_finetune_refuses_a_switch_its_checkpoint_does_not_have(char_data, tmp_path, capsys):
+    from nanogpt_hf.cli import train_main
+
+    assert train(tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2)) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    code = train_main([f"--dataset={char_data}", f"--out_dir={tmp_path / 'ft'}", f"--init_from={tmp_path / 'base'}",
+                       "--qk_norm", "--device=cpu", "--max_iters=2", "--block_size=32"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "its model has qk_norm=False" in err, err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_the_model_card_names_the_switches(tmp_path):
+    from nanogpt_hf.hub import write_model_card
+
+    for folder, config in (("modern", modern_config()), ("gpt2", modern_config(**{k: getattr(NanoGPTConfig(), k)
+                                                                                   for k in MODERN}))):
+        NanoGPTForCausalLM(config).save_pretrained(tmp_path / folder)
+        write_model_card(str(tmp_path / folder), {})
+    card = (tmp_path / "modern" / "README.md").read_text()
+    assert "position_embedding=rotary" in card and "tie_word_embeddings=False" in card and "n_kv_head=2" in card
+    assert "| switches | none |" in (tmp_path / "gpt2" / "README.md").read_text()
+
+
+def test_an_integer_cap_is_a_float_and_a_zero_cap_is_none():
+    """NanoChat's config is strict about types: an integer cap (YAML's 15) must still export."""
+    from nanogpt_hf.nanochat import to_nanochat
+
+    assert NanoGPTConfig(final_logit_softcapping=0).final_logit_softcapping is None
+    model = random_model(modern_config(final_logit_softcapping=15))
+    assert to_nanochat(model).config.final_logit_softcapping == 15.0

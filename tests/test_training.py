@@ -88,8 +88,8 @@ def test_settings_have_nanogpt_names_and_defaults():
     (["--backend=foo"], "setting 'backend' must be one of auto, nccl, gloo; got 'foo'"),
     (["missing.yaml"], "recipe 'missing.yaml' does not exist"),
     (["--beta2=1.5"], "setting 'beta2' must be in [0, 1), got 1.5"),
-    (["--learning_rate=-1e-3"], "setting 'learning_rate' must be in (0, inf), got -0.001"),
-    (["--learning_rate=nan"], "setting 'learning_rate' must be in (0, inf), got nan"),
+    (["--learning_rate=-1e-3"], "setting 'learning_rate' must be in [0, inf), got -0.001"),
+    (["--learning_rate=nan"], "setting 'learning_rate' must be in [0, inf), got nan"),
     (["--keep_states=-1"], "setting 'keep_states' must be in [0, inf), got -1"),
 ])
 def test_bad_settings_are_one_clear_line(argv, message, capsys):
