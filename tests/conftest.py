@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Tests never reach the Hub or a wandb server: fail fast instead of retrying for half a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -37,3 +39,20 @@ def run_group(cmd: list[str], timeout: float, **kwargs):
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    """A small character-level dataset prepared from the first 120 KB of the shipped Shakespeare."""
+    import json as _json
+    import lzma
+
+    from nanogpt_hf.data import PrepareSettings, prepare
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanogpt_hf", "assets",
+                          "shakespeare.jsonl.xz")
+    with lzma.open(corpus, "rt") as fh:
+        text = _json.loads(fh.readline())["text"][:120_000]
+    (root / "play.txt").write_text(text)
+    return prepare(PrepareSettings(source=str(root / "play.txt"), tokenizer="char", out=str(root / "char")))

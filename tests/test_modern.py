@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.settings import parse_command
 from nanogpt_hf.training import TrainSettings, train
-from test_training import char_data, tiny  # noqa: F401  (the fixture and the tiny run)
+from test_training import tiny
 
 SWITCHES = {  # each departure from GPT-2, alone
     "rotary": dict(position_embedding="rotary", rope_theta=500.0),

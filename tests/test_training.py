@@ -35,19 +35,6 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    """A small character-level dataset prepared from the first 120 KB of the shipped Shakespeare."""
-    import json as _json
-    import lzma
-
-    root = tmp_path_factory.mktemp("data")
-    with lzma.open(os.path.join(ROOT, "nanogpt_hf", "assets", "shakespeare.jsonl.xz"), "rt") as fh:
-        text = _json.loads(fh.readline())["text"][:120_000]
-    (root / "play.txt").write_text(text)
-    return prepare(PrepareSettings(source=str(root / "play.txt"), tokenizer="char", out=str(root / "char")))
-
-
 def tiny(data, out_dir, **kw):
     """A run small enough for a test: 2 layers, 32 wide, block 32, float32 on CPU."""
     base = dict(dataset=data, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
