@@ -2,8 +2,7 @@
 
 - train: nanoGPT's bench through train_step: ms/iter, tokens/s, MFU, peak memory (GPT-2 124M on GPU, else a CPU size).
 - overhead: our accelerate train_step against a plain PyTorch step (nanoGPT's), from the same weights, interleaved.
-- generate: greedy tokens/s with the KV cache (what sample.py runs) against nanoGPT's full recompute; the same tokens.
-"""
+- generate: greedy tokens/s with the KV cache (sample.py's) against nanoGPT's full recompute; the same tokens."""
 
 import contextlib
 import copy
@@ -25,7 +24,7 @@ from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, open_dataset, sample_batch
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .sampling import block_size_of, generate_ids, window_keep
-from .settings import parse_command, setting
+from .settings import load_recipe, parse_command, setting
 from .training import configure_optimizer, end_training, prepare_model, train_step
 
 GPU_DEFAULTS = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12, vocab_size=50304)
@@ -46,6 +45,7 @@ class BenchSettings:
     batch_size: int | None = setting(None, "sequences per micro-batch (default: 12 on GPU, 8 on CPU)", range=ONE_UP)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step and process", range=ONE_UP)
     bias: bool = setting(False, "biases in Linear and LayerNorm (nanoGPT's bench uses none)")
+    modern: bool = setting(False, "nanochat's architecture: shakespeare_char_modern.yaml's switches (with AdamW)")
     dropout: float = setting(0.0, "dropout probability", range="[0, 1)")
     data: str = setting("", "a prepared dataset (prepare.py) for real batches; empty: random tokens", path=True)
     init_from: str = setting("", "generate mode: a checkpoint folder (or gpt2...) instead of a random model", path=True)
@@ -74,7 +74,9 @@ def resolve(s: BenchSettings, device_type: str) -> BenchSettings:  # unset (None
 def build_model(s: BenchSettings) -> NanoGPTForCausalLM:
     torch.manual_seed(s.seed)
     shape = {k: getattr(s, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")}
-    return NanoGPTForCausalLM(NanoGPTConfig(**shape, bos_token_id=None, eos_token_id=None))
+    switches = {k: v for k, v in load_recipe("shakespeare_char_modern.yaml").items() if s.modern and k not in shape
+                and k in NanoGPTConfig.__annotations__}
+    return NanoGPTForCausalLM(NanoGPTConfig(**shape, **switches, bos_token_id=None, eos_token_id=None))
 
 
 def make_batches(s: BenchSettings, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

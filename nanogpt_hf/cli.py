@@ -2,11 +2,12 @@
 
 Our own checks raise UserError. Ordinary mistakes that the libraries find first (a missing or unreadable file, bad
 JSON or YAML, a damaged safetensors file, a Hub or datasets error, an impossible config value) arrive as the
-library's exception and are printed the same way (NANOGPT_DEBUG=1 shows their tracebacks). Anything else is our bug.
-"""
+library's exception and are printed the same way (NANOGPT_DEBUG=1 shows their tracebacks). Anything else is our bug."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 from typing import Callable
@@ -19,8 +20,7 @@ def library_errors() -> tuple[type[BaseException], ...]:
     from datasets.exceptions import DatasetsError
     from safetensors import SafetensorError
 
-    # OSError covers missing files, permissions, a full disk and every huggingface_hub error; ValueError covers bad
-    # JSON and the values transformers refuses
+    # OSError: missing files, permissions, a full disk, every huggingface_hub error; ValueError: bad JSON, config values
     return OSError, ValueError, yaml.YAMLError, SafetensorError, DatasetsError
 
 
@@ -44,35 +44,15 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         return 2
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    from .training import main
-
-    return run(main, argv)
+def run_module(name: str, argv: list[str] | None = None) -> int:  # imported on use: a command loads only its own
+    return run(importlib.import_module(f"nanogpt_hf.{name}").main, argv)
 
 
-def sample_main(argv: list[str] | None = None) -> int:
-    from .sampling import main
-
-    return run(main, argv)
-
-
-def bench_main(argv: list[str] | None = None) -> int:
-    from .bench import main
-
-    return run(main, argv)
-
-
-def prepare_main(argv: list[str] | None = None) -> int:
-    from .data import main
-
-    return run(main, argv)
-
-
-def hf_main(argv: list[str] | None = None) -> int:
-    from .convert import main
-
-    return run(main, argv)
-
+train_main = functools.partial(run_module, "training")  # the console scripts (pyproject.toml) and top-level scripts
+sample_main = functools.partial(run_module, "sampling")
+bench_main = functools.partial(run_module, "bench")
+prepare_main = functools.partial(run_module, "data")
+hf_main = functools.partial(run_module, "convert")
 
 if __name__ == "__main__":  # `python -m nanogpt_hf.cli ...` is nanogpt-hf (the others have top-level scripts)
     sys.exit(hf_main())

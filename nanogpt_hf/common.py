@@ -1,9 +1,5 @@
-"""What every command shares: the user-error type, the one way to write output atomically, and naming rules.
-
-- UserError: a mistake the user can fix; the CLI prints its message as one `error:` line and exits 2.
-- atomic_output(path): what we write appears complete or not at all; a failed write leaves the earlier version.
-- is_hub_id(ref): the one rule for "local path or Hub id"; GPT2_NAMES: OpenAI's checkpoints on the Hub.
-"""
+"""What every command shares: UserError (printed by the CLI as one `error:` line, exit 2), atomic_output (what we
+write appears complete or not at all) and is_hub_id (the one rule for "local path or Hub id")."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import contextlib
 import os
 import shutil
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's checkpoints on the Hub
 
 
 class UserError(Exception):
@@ -70,15 +66,12 @@ def remove(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str, merge: bool = False):
-    """Yield a temporary path to write a file or folder into (not yet created: open(), save_pretrained or save_to_disk
-    create it); when the block ends, give it the modes of anything the user creates (umask), flush it and rename it
-    into place. An exception leaves `path` as it was.
-
+    """Yield a temporary path to write a file or folder into (open(), save_pretrained or save_to_disk create it);
+    when the block ends, share and fsync it, then rename it into place. An exception leaves `path` as it was.
     The temporary is a sibling of `path`: an existing folder is moved aside, replaced, then deleted. With merge=True
     it lies inside the folder (same file system, even for a mount point) and its entries are moved in one by one,
     weights (*.safetensors) last, keeping what else the folder holds (a run's out_dir: states, metrics). A symlink at
-    `path` stays a link. Leftovers of a killed writer (one writer per path at a time) are removed first.
-    """
+    `path` stays a link. Leftovers of a killed writer (one writer per path at a time) are removed first."""
     path = os.path.realpath(path)
     parent, base = os.path.split(path)
     home, stem = (path, "") if merge else (parent, f".{base}")
@@ -92,8 +85,7 @@ def atomic_output(path: str, merge: bool = False):
         share(tmp)
         fsync_tree(tmp)
         if merge:
-            names = sorted(os.listdir(tmp), key=is_weights)
-            for name in names:
+            for name in sorted(os.listdir(tmp), key=is_weights):
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         elif os.path.isdir(tmp) and os.path.exists(path):
             old = os.path.join(parent, f".{base}.old-{os.getpid()}")

@@ -84,16 +84,14 @@ def find_meta(ckpt_path: str, dataset) -> str | None:
 def nanogpt_model(ckpt: dict, char_vocab: bool) -> NanoGPTForCausalLM:
     """nanoGPT's weights in NanoGPTForCausalLM: compile prefix stripped, mask buffers dropped, exact GELU."""
     args, eot = ckpt["model_args"], None if char_vocab else GPT2_VOCAB_SIZE - 1  # <|endoftext|> is GPT-2 BPE's
-    config = NanoGPTConfig(**{k: args[k] for k in MODEL_ARGS}, bias=bool(args.get("bias", True)),
-                           dropout=float(args.get("dropout", 0.0)), activation_function="gelu",
-                           bos_token_id=eot, eos_token_id=eot)
-    model = NanoGPTForCausalLM(config)
+    model = NanoGPTForCausalLM(NanoGPTConfig(
+        **{k: args[k] for k in MODEL_ARGS}, bias=bool(args.get("bias", True)), dropout=float(args.get("dropout", 0.0)),
+        activation_function="gelu", bos_token_id=eot, eos_token_id=eot))
     # torch.compile's wrapper names ('_orig_mod.'), and the causal mask nanoGPT registers without flash attention
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items() if not k.endswith(".attn.bias")}
     expected = model.state_dict()
-    wrong = sorted(k for k in state.keys() | expected.keys() if getattr(state.get(k), "shape", None) != getattr(
-        expected.get(k), "shape", None))
-    if wrong:
+    shape = {k: tuple(v.shape) for k, v in state.items()}
+    if wrong := sorted(k for k, v in expected.items() if shape.pop(k, None) != tuple(v.shape)) + sorted(shape):
         raise UserError(f"the checkpoint's weights do not match its model_args ({', '.join(wrong[:3])}...)")
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -5,9 +5,7 @@
 
 GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's openwebtext); char: ids into
 sorted(set(corpus)) (shakespeare_char). val: the corpus's own validation (else test) split where it has one, else
-the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of the documents, seed 2357 (openwebtext).
-sample_batch is a pure function of its arguments.
-"""
+the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of the documents, seed 2357 (openwebtext)."""
 
 from __future__ import annotations
 
@@ -376,8 +374,7 @@ def prepare(cfg: PrepareSettings) -> str:
         meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": cfg.tokenizer,
                 "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype, "splits": stats,
                 "source": cfg.source, "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "fingerprint": key,
-                "val_split": rule,
-                "settings": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 3)}
+                "val_split": rule, "settings": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2)
     counts = "; ".join(f"{k}: {s['documents']:,} documents, {s['tokens']:,} tokens" for k, s in stats.items())

@@ -18,9 +18,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 def preprocess(text: str) -> str:
     """The harness's clean-up; the brackets are artifacts of the WikiHow part of HellaSwag."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def hellaswag_example(doc: dict) -> dict:
@@ -64,9 +62,7 @@ def sequence_logprobs(model, pairs: list[tuple[list[int], int]], block_size: int
     """(R,): the summed log-probability of each pair's continuation ids, all pairs in one right-padded forward. As
     the harness, a sequence keeps its last block_size + 1 ids, and the model reads all but the last."""
     pairs = [(ids[-(block_size + 1):], n) for ids, n in pairs]
-    seqs = torch.zeros(len(pairs), max(len(ids) for ids, _ in pairs), dtype=torch.long)  # (R, T + 1)
-    for i, (ids, _) in enumerate(pairs):
-        seqs[i, :len(ids)] = torch.tensor(ids)
+    seqs = torch.nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids, _ in pairs], batch_first=True)  # (R, T + 1)
     x, y = seqs[:, :-1].to(device), seqs[:, 1:].to(device)  # inputs and their next ids (R, T)
     ends = torch.tensor([len(ids) - 1 for ids, _ in pairs], device=device).unsqueeze(1)  # (R, 1)
     starts = ends - torch.tensor([n for _, n in pairs], device=device).unsqueeze(1)

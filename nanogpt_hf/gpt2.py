@@ -1,8 +1,7 @@
 """GPT-2 <-> nanoGPT: transformers' GPT2LMHeadModel as NanoGPTForCausalLM and back, with exactly the same logits.
 
 The same network with the same parameter names, except that GPT-2 stores four weights as Conv1D (in, out), not
-nn.Linear (out, in); OpenAI's tanh GELU ("gelu_new") is kept as the model's activation_function.
-"""
+nn.Linear (out, in); OpenAI's tanh GELU ("gelu_new") is kept as the model's activation_function."""
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel

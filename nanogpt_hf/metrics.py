@@ -40,8 +40,8 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
 
     events = read_metrics(metrics_path)
     evals = [e for e in events if e["type"] == "eval"]
-    panels = ("loss", "hellaswag") if any("hellaswag_acc" in e for e in evals) else ("loss",)
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), dpi=100, squeeze=False)
+    scored = [e for e in evals if "hellaswag_acc" in e]  # zero-shot HellaSwag accuracy (chance: 0.25): a 2nd panel
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(14 if scored else 7, 4), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot([e["iter"] for e in events if e["type"] == "train"], [e["loss"] for e in events if e["type"] == "train"],
             color="tab:blue", alpha=0.35, lw=1, label="train (step)")
@@ -49,8 +49,7 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
         ax.plot([e["iter"] for e in evals], [e[key] for e in evals], "o-", color=color, ms=3,
                 label=f"{key.split('_')[0]} (eval)")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
-    if len(panels) == 2:  # zero-shot HellaSwag accuracy (chance: 0.25)
-        scored = [e for e in evals if "hellaswag_acc" in e]
+    if scored:
         for key in ("hellaswag_acc", "hellaswag_acc_norm"):
             axes[0][1].plot([e["iter"] for e in scored], [e[key] for e in scored], "o-", ms=3, label=key[10:])
         axes[0][1].set(xlabel="step", ylabel="HellaSwag accuracy")

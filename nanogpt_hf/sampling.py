@@ -2,8 +2,7 @@
 
 Unlike nanoGPT: a KV cache; sample k is seeded by (seed, k) whatever --num_samples; past block_size the context is
 cut to its last 3/4 and re-prefilled (nanoGPT's tokens while prompt + max_new_tokens - 1 <= block_size); the model
-runs in the dtype itself, not autocast (decoding is memory-bound).
-"""
+runs in the dtype itself, not autocast (decoding is memory-bound)."""
 
 import dataclasses
 import os

@@ -2,8 +2,7 @@
 
 GPT-2: the r50k ranks ship in assets/ (sha256-checked); data is prepared with tiktoken's encode_ordinary, as nanoGPT
 (only the EOT after each document is 50256); gpt2_tokenizer() maps a literal "<|endoftext|>" to 50256, as HF's gpt2.
-Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1.
-"""
+Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1."""
 
 import functools
 import os

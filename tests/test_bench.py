@@ -68,6 +68,19 @@ def test_profile_into_a_file_is_a_clear_error(capsys, tmp_path):
     assert "afile" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["train", "generate"])
+def test_modern_architecture_counts_its_own_parameters_and_keeps_the_cache_exact(capsys, mode):
+    out = bench(capsys, f"--mode={mode}", *TINY, "--modern", "--warmup=1", "--iters=2", "--max_new_tokens=40",
+                "--dtype=float32")
+    from nanogpt_hf.bench import BenchSettings, build_model, resolve
+    from nanogpt_hf.settings import parse_command
+
+    model = build_model(resolve(parse_command(BenchSettings, [f"--mode={mode}", *TINY, "--modern"], "", "")[0], "cpu"))
+    assert model.config.position_embedding == "rotary" and not model.config.tie_word_embeddings
+    assert f"{model.get_num_params() / 1e6:.2f}M parameters" in out  # the head counted, no position table
+    assert (0 < number(r"MFU ([\d.]+)%", out) < 100) if mode == "train" else "same tokens: yes" in out
+
+
 def test_train_mode_with_accumulation_and_bf16(capsys):
     out = bench(capsys, "--mode=train", *TINY, "--warmup=0", "--iters=2", "--gradient_accumulation_steps=2",
                 "--dtype=bfloat16")

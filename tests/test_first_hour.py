@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.common import UserError
 from nanogpt_hf.training import get_lr, train
-from test_training import ROOT, char_data, metrics, tiny  # noqa: F401  (char_data: the fixture)
+from test_training import ROOT, metrics, tiny
 
 
 @pytest.fixture(autouse=True)

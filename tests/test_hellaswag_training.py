@@ -8,7 +8,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 from nanogpt_hf.cli import train_main
-from test_training import char_data, metrics, tiny  # noqa: F401  (char_data: the fixture)
+from test_training import metrics, tiny
 from nanogpt_hf.training import train
 
 
