@@ -229,9 +229,9 @@ class NanoGPTModel(NanoGPTPreTrainedModel):
 
     def check_length(self, length, attention_mask) -> None:
         """Refuse a sequence past block_size (learned positions end there; rotary ones were never trained past it).
-        Padding takes no positions,
-        so only real tokens count. A static cache's token count lives on the device (reading it would sync and split
-        a compiled decoding step): its capacity, the longest sequence generate will make, is checked instead."""
+        Padding takes no positions, so only real tokens count. A static cache's token count lives on the device
+        (reading it would sync and split a compiled decoding step): its capacity, the longest sequence generate will
+        make, is checked instead."""
         block_size = self.config.block_size
         if length > block_size and attention_mask is not None and attention_mask.ndim == 2:
             length = int(attention_mask.sum(-1).max())

@@ -272,7 +272,8 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict) -> tu
             raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
                             f"use --block_size={model.config.block_size} or less")
         model.crop_block_size(s.block_size)
-    for k in (k for k in ARCHITECTURE if k in explicit and explicit[k] != getattr(model.config, k)):
+    k = next((k for k in ARCHITECTURE if k in explicit and explicit[k] != getattr(model.config, k)), None)
+    if k:  # a setting the model cannot follow is refused, not ignored
         raise UserError(f"init_from={s.init_from}: its model has {k}={getattr(model.config, k)!r}, which this run "
                         f"keeps; to train with {k}={explicit[k]!r}, start a new run from scratch")
     return model, dataclasses.replace(s, **{k: getattr(model.config, k) for k in ARCHITECTURE})
