@@ -462,7 +462,7 @@ def save_state(run: Run, evaluated: bool) -> str:
         run.raw.config, run.tokenizer)
 
 
-def log_step(run: Run, loss: torch.Tensor, lr: float, progress) -> None:
+def log_step(run: Run, loss: torch.Tensor, lrs: list[float], progress) -> None:
     """The log line: loss (the only per-log device sync), lr, time per step, tokens/s, MFU after 5 warm-up steps."""
     s, acc = run.s, run.accelerator
     loss = acc.reduce(loss, reduction="mean").item()
@@ -472,13 +472,15 @@ def log_step(run: Run, loss: torch.Tensor, lr: float, progress) -> None:
     dt = (now - run.t_log - run.paused) / (run.step - run.last_log)
     warm = run.last_log - run.first_step >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
     run.t_log, run.paused, run.last_log = now, 0.0, run.step
-    event = {"type": "train", "iter": run.step, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+    event = {"type": "train", "iter": run.step, "loss": loss, "lr": lrs[0], "ms_per_iter": dt * 1000,
              "tokens_per_s": s.tokens_per_step / dt}
+    if len(lrs) > 1:  # Muon's, beside AdamW's
+        event["muon_lr"] = lrs[1]
     if run.peak and warm:
         mfu = estimate_mfu(run.raw, s.rows_per_step // acc.num_processes, s.block_size, dt, run.peak)
         run.mfu = event["mfu"] = mfu if run.mfu < 0 else 0.9 * run.mfu + 0.1 * mfu
     mfu_text = f", mfu {run.mfu * 100:.2f}%" if run.mfu >= 0 else ""
-    report(run, event, f"iter {run.step}: loss {loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+    report(run, event, f"iter {run.step}: loss {loss:.4f}, lr {lrs[0]:.2e}, time {dt * 1000:.2f}ms, "
                        f"{s.tokens_per_step / dt:,.0f} tok/s{mfu_text}", progress)
     progress.set_postfix(loss=f"{loss:.4f}")
 
@@ -510,7 +512,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             run.tokens_seen += s.tokens_per_step
             progress.update(1)
             if run.step % s.log_interval == 0 or run.step == s.max_iters:
-                log_step(run, loss, lrs[0], progress)  # AdamW's lr
+                log_step(run, loss, lrs, progress)
                 if acc.check_trigger():  # SIGINT/SIGTERM on any process, agreed at log steps
                     exit_code = stop_and_save(run, stop)
                     break

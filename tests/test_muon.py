@@ -89,6 +89,9 @@ def test_a_muon_run_resumes_bit_exactly_with_its_momentum(char_data, tmp_path, m
     assert T.train(tiny(char_data, tmp_path / "a", dropout=0.1)) == 0
     s = tiny(char_data, tmp_path / "a", dropout=0.1)
     assert [lrs for _, lrs in calls] == [T.learning_rates(s, i) for i in range(8)]
+    with open(tmp_path / "a" / "metrics.jsonl") as fh:  # both LRs on record, as they were when each step ended
+        logged = [(e["lr"], e["muon_lr"]) for e in map(json.loads, fh) if e["type"] == "train"]
+    assert logged == [tuple(T.learning_rates(s, i)) for i in range(8)]
     assert [type(o.optimizer) for o in calls[0][0]] == [torch.optim.AdamW, torch.optim.Muon]
     assert [g["lr"] for o in calls[-1][0] for g in o.param_groups] == [calls[-1][1][0]] * 2 + [calls[-1][1][1]]
     assert T.train(tiny(char_data, tmp_path / "b", dropout=0.1, max_iters=4, lr_decay_iters=8)) == 0
