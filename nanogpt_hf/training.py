@@ -163,7 +163,9 @@ def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[Tra
         raise UserError(f"init_from=resume but {out_dir} holds no resumable state (state/step-N); start the run "
                         f"with --init_from=scratch")
     ts = read_trainer_state(state)
-    saved = TrainSettings(**{k: v for k, v in ts["settings"].items() if k in TrainSettings.__dataclass_fields__})
+    saved = {k: v for k, v in ts["settings"].items() if k in TrainSettings.__dataclass_fields__}
+    config = NanoGPTConfig.from_pretrained(state)  # the model's own architecture (a state may predate a setting)
+    saved = TrainSettings(**{**saved, **{k: getattr(config, k) for k in ARCHITECTURE}})
     changed = {k: v for k, v in explicit.items() if k not in ("init_from", "out_dir") and getattr(saved, k) != v}
     for k in changed:
         if k in ARCHITECTURE or k == "optimizer":  # the model, or the optimizer states, would not load

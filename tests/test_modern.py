@@ -1,6 +1,7 @@
 """The modern switches (nanochat's architecture, one departure from GPT-2 at a time): each alone trains, resumes
 exactly, saves, and loads without the package; together they keep the KV cache, padding and checkpointing right."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -228,3 +229,25 @@ def test_an_integer_cap_is_a_float_and_a_zero_cap_is_none():
     assert NanoGPTConfig(final_logit_softcapping=0).final_logit_softcapping is None
     model = random_model(modern_config(final_logit_softcapping=15))
     assert to_nanochat(model).config.final_logit_softcapping == 15.0
+
+
+def test_a_state_saved_before_the_switches_resumes_with_its_models_architecture(char_data, tmp_path):
+    """A state whose settings predate a switch (here: activation_function, for a model with OpenAI's gelu_new)
+    resumes with the model's own value, explicit or not."""
+    import json
+
+    from nanogpt_hf.checkpoint import TRAINER_STATE, latest_state
+
+    assert train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2, activation_function="gelu_new")) == 0
+    path = os.path.join(latest_state(str(tmp_path)), TRAINER_STATE)
+    with open(path) as fh:
+        ts = json.load(fh)
+    del ts["settings"]["activation_function"]  # as saved before the setting existed
+    with open(path, "w") as fh:
+        json.dump(ts, fh)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    explicit = {"init_from": "resume", "max_iters": 3, "activation_function": "gelu_new"}
+    assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=2, init_from="resume",
+                      activation_function="gelu_new"), explicit=explicit) == 0
+    with open(tmp_path / "train_config.yaml") as fh:
+        assert "activation_function: gelu_new" in fh.read()
