@@ -74,8 +74,8 @@ def resolve(s: BenchSettings, device_type: str) -> BenchSettings:  # unset (None
 def build_model(s: BenchSettings) -> NanoGPTForCausalLM:
     torch.manual_seed(s.seed)
     shape = {k: getattr(s, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")}
-    switches = {k: v for k, v in load_recipe("shakespeare_char_modern.yaml").items() if s.modern and k not in shape
-                and k in NanoGPTConfig.__annotations__}
+    modern = load_recipe("shakespeare_char_modern.yaml") if s.modern else {}  # its model switches, not its shape
+    switches = {k: v for k, v in modern.items() if k in NanoGPTConfig.__annotations__ and k not in shape}
     return NanoGPTForCausalLM(NanoGPTConfig(**shape, **switches, bos_token_id=None, eos_token_id=None))
 
 

@@ -23,6 +23,7 @@ def to_nanochat(model) -> NanoChatForCausalLM:
     c = model.config
     check_switches(c, NANOCHAT_SWITCHES, "transformers' NanoChat")
     n_kv = c.n_kv_head or c.n_head
+    kv = n_kv * c.n_embd // c.n_head  # rows of c_attn per key or value
     config = NanoChatConfig(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=4 * c.n_embd, num_hidden_layers=c.n_layer,
         num_attention_heads=c.n_head, num_key_value_heads=n_kv, max_position_embeddings=c.block_size,
@@ -33,7 +34,6 @@ def to_nanochat(model) -> NanoChatForCausalLM:
     state = {"model.embed_tokens.weight": ours["transformer.wte.weight"], "lm_head.weight": ours["lm_head.weight"]}
     for i in range(c.n_layer):
         ours_i, theirs_i = f"transformer.h.{i}.", f"model.layers.{i}."
-        kv = n_kv * c.n_embd // c.n_head
         q, k, v = ours[ours_i + "attn.c_attn.weight"].split([c.n_embd, kv, kv])
         state.update({theirs_i + "self_attn.q_proj.weight": q, theirs_i + "self_attn.k_proj.weight": k,
                       theirs_i + "self_attn.v_proj.weight": v,
