@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .common import UserError
+from .configuration_nanogpt import CHOICES
 
 SHIPPED_RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 RECIPE_SUFFIXES = (".yaml", ".yml", ".py")  # .py: a nanoGPT config file
@@ -259,12 +260,12 @@ class TrainSettings:
     dropout: float = setting(0.0, "dropout; 0 for pretraining, 0.1+ for finetuning", range="[0, 1)")
     bias: bool = setting(False, "biases in Linear and LayerNorm layers")
     # model: departures from GPT-2, each alone or together (nanochat's GPT: recipes/shakespeare_char_modern.yaml)
-    position_embedding: Literal["learned", "rotary"] = setting("learned", "learned (GPT-2) | rotary (RoPE on q and k)")
+    position_embedding: Literal[CHOICES["position_embedding"]] = setting("learned", "rotary: RoPE on q and k")
     rope_theta: float = setting(10000.0, "rotary embeddings' base", range="(0, inf)")
-    norm: Literal["layernorm", "rmsnorm"] = setting("layernorm", "layernorm (GPT-2) | rmsnorm (without parameters)")
+    norm: Literal[CHOICES["norm"]] = setting("layernorm", "layernorm (GPT-2) | rmsnorm (without parameters)")
     norm_after_embedding: bool = setting(False, "normalise the embeddings before the first block")
     qk_norm: bool = setting(False, "RMSNorm of each head's queries and keys")
-    activation_function: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu2"] = setting("gelu", "MLP activation")
+    activation_function: Literal[CHOICES["activation_function"]] = setting("gelu", "MLP activation")
     n_kv_head: int | None = setting(None, "grouped-query attention's key/value heads (none: n_head)", range="[1, inf)")
     tie_word_embeddings: bool = setting(True, "the output head is the token embedding (false: a head of its own)")
     final_logit_softcapping: float | None = setting(None, "logits = cap * tanh(logits / cap)", range="(0, inf)")
