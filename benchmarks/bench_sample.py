@@ -9,7 +9,8 @@ writes it (ckpt.pt, meta.pkl) and converted with `nanogpt-hf convert-nanogpt`. T
   fp32 without autocast on a CPU; GPT.generate: crop to block_size, full forward, logits of the last position,
   temperature 0.8, top_k 200, multinomial), on nanoGPT's model.py (tests/nanogpt_reference.py);
 - ours: `python sample.py --out_dir=<converted> --num_samples=N --max_new_tokens=M [--dtype=...]`.
-Each is timed from process start to exit (imports included); also `python -c "import ..."` of each side's imports.
+Each is timed from process start to exit (imports included); also `python -c "import ..."` of each side's imports,
+and of what any transformers model imports (torch, transformers.modeling_utils: the floor for a PreTrainedModel).
 Prints every time, the medians and ours / nanoGPT.
 """
 
@@ -120,6 +121,8 @@ def main() -> None:
                             f"--max_new_tokens={m}", f"--dtype={opts['dtype']}"],
         "nanoGPT's imports (torch, tiktoken)": [sys.executable, "-c", "import torch, tiktoken"],
         "ours: import nanogpt_hf.sampling": [sys.executable, "-c", "import nanogpt_hf.sampling"],
+        "any transformers model: import torch, transformers.modeling_utils":
+            [sys.executable, "-c", "import torch, transformers.modeling_utils"],
     }
     times = {k: [] for k in kinds}
     for r in range(int(opts["rounds"])):
@@ -133,6 +136,8 @@ def main() -> None:
     sample_ratio = medians["ours: sample.py"] / medians["nanoGPT sample.py"]
     import_gap = medians["ours: import nanogpt_hf.sampling"] - medians["nanoGPT's imports (torch, tiktoken)"]
     print(f"ours / nanoGPT: {sample_ratio:.2f}x (of which imports: {import_gap:+.2f} s)")
+    floor = medians["any transformers model: import torch, transformers.modeling_utils"]
+    print(f"importing PreTrainedModel alone takes {floor / medians['nanoGPT sample.py']:.2f}x nanoGPT's whole run")
     shutil.rmtree(work)
 
 

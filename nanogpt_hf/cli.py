@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Callable
 
+from transformers.utils import logging as hf_logging
+
 from .common import UserError
 
 
@@ -25,8 +27,6 @@ def library_errors() -> tuple[type[BaseException], ...]:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    if not sys.stderr.isatty():  # a log file gets the commands' log lines, not progress-bar redraws
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(main(argv) or 0)
     except UserError as exc:
@@ -45,6 +45,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
 
 
 def run_module(name: str, argv: list[str] | None = None) -> int:  # imported on use: a command loads only its own
+    if not sys.stderr.isatty():  # a log file gets the commands' log lines, not progress-bar redraws
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported, below
+        hf_logging.disable_progress_bar()  # transformers' and the Hub's (imported with the package)
     return run(importlib.import_module(f"nanogpt_hf.{name}").main, argv)
 
 

@@ -85,7 +85,7 @@ def atomic_output(path: str, merge: bool = False):
         share(tmp)
         fsync_tree(tmp)
         if merge:
-            for name in sorted(os.listdir(tmp), key=is_weights):
+            for name in sorted(os.listdir(tmp), key=lambda name: name.endswith(".safetensors")):  # weights last
                 os.replace(os.path.join(tmp, name), os.path.join(path, name))
         elif os.path.isdir(tmp) and os.path.exists(path):
             old = os.path.join(parent, f".{base}.old-{os.getpid()}")
@@ -97,7 +97,3 @@ def atomic_output(path: str, merge: bool = False):
         _fsync(home)
     finally:
         remove(tmp)
-
-
-def is_weights(name: str) -> bool:
-    return name.endswith(".safetensors")

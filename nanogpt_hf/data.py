@@ -265,7 +265,7 @@ def tail_split(ds, fraction: float) -> tuple:
     """The last `fraction` of the token stream -> val, the document holding the cut split in two (nanoGPT's 90/10)."""
     ends = np.cumsum(row_lengths(ds))  # (documents,) stream position where each one ends
     total = int(ends[-1]) if len(ends) else 0
-    cut = total - max(1, round(total * fraction))  # the first val token
+    cut = min(total - 1, int(total * (1 - fraction)))  # the first val token: nanoGPT's int(n * 0.9)
     if cut <= 0:
         raise UserError(f"the corpus is empty or too small to hold out a val split ({total} tokens)")
     k = int(np.searchsorted(ends, cut, side="right"))  # the document holding it
@@ -292,6 +292,8 @@ def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tup
 def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, name="train", fraction=None) -> tuple:
     """Tokenize a stream into an Arrow file; each document goes to val (in memory) with probability `fraction`
     (default: val_fraction, else nanoGPT's 0.0005; 0: a corpus's own split)."""
+    if cfg.val_split == "tail" and fraction is None:  # a stream is read once: its last tokens come too late
+        raise UserError("--streaming splits documents at random; drop --val_split=tail (or --streaming)")
     features, path = ids_features(kwargs["dtype"]), os.path.join(cache_dir, f"stream-{name}.arrow")
     fraction = cfg.val_fraction or 0.0005 if fraction is None else fraction
     rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
@@ -371,10 +373,11 @@ def prepare(cfg: PrepareSettings) -> str:
         remove(cache)
         tokenizer.save_pretrained(tmp)
         stats = {k: {"documents": d.num_rows, "tokens": int(row_lengths(d).sum())} for k, d in splits.items()}
-        meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": cfg.tokenizer,
-                "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype, "splits": stats,
-                "source": cfg.source, "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "fingerprint": key,
-                "val_split": rule, "settings": dataclasses.asdict(cfg), "seconds": round(time.time() - t0, 3)}
+        meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": cfg.tokenizer, "splits": stats,
+                "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype,
+                "source": cfg.source, "hub_id": None if files else cfg.source, "fingerprint": key, "val_split": rule,
+                "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "settings": dataclasses.asdict(cfg),
+                "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2)
     counts = "; ".join(f"{k}: {s['documents']:,} documents, {s['tokens']:,} tokens" for k, s in stats.items())

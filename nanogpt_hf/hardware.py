@@ -25,9 +25,12 @@ def resolve_device_type(setting: str) -> str:  # auto | cpu | cuda | cuda:N -> "
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", setting):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {setting!r}")
     name = ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting.split(":")[0]
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={setting} but no CUDA GPU is visible; use --device=cpu")
     processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if name == "cuda" and int(setting.partition(":")[2] or 0) >= gpus:  # no GPU, or none with that index
+        raise UserError(f"device={setting} but {gpus} CUDA GPU(s) are visible; use --device=cpu (or a lower index)")
+    if ":" in setting and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate gives each process its own GPU
+        raise UserError(f"device={setting} names one GPU for several processes; use --device=cuda (accelerate "
+                        "launch --gpu_ids chooses them)")
     if name == "cpu" and 0 < gpus < processes:  # accelerate's barrier addresses each local rank's GPU: a crash
         raise UserError(f"{processes} CPU processes on a machine with {gpus} GPU(s): accelerate would address a GPU "
                         f"per process; hide the GPUs: CUDA_VISIBLE_DEVICES= accelerate launch ...")

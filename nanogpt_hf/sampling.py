@@ -169,7 +169,7 @@ def load(s: SampleSettings):  # (model in the chosen dtype on the chosen device,
     hf_logging.disable_progress_bar()  # the output is the samples: no "Loading weights" bars
     ref = s.out_dir if s.init_from == "resume" else s.init_from
     if s.init_from == "resume" and not os.path.isdir(ref):  # out_dir is a local folder, never a Hub id
-        raise UserError(f"checkpoint folder '{ref}' does not exist; train a model first, or set --out_dir/--init_from")
+        raise UserError(f"there is no checkpoint folder '{ref}'; train a model first, or set --out_dir/--init_from")
     model, tokenizer = checkpoint.load_pretrained(ref, dtype=dtype)
     if tokenizer is None:
         raise UserError(f"'{ref}' holds no tokenizer to encode the prompt; save one into it (save_pretrained)")

@@ -47,7 +47,7 @@ def validate(obj: Any) -> Any:
     for f in dataclasses.fields(obj):
         value, interval = getattr(obj, f.name), f.metadata.get("range")
         if interval and value is not None and not in_range(value, interval):
-            raise UserError(f"setting '{f.name}' must be in {interval}, got {value!r}")
+            raise UserError(f"setting '{f.name}' must be in {interval}, got {value!r} ({f.metadata['help']})")
     return obj
 
 
@@ -288,7 +288,7 @@ class TrainSettings:
                                                "--max_iters=500 shortens the decay too", range="[0, inf)")
     min_lr: float = setting(6e-5, "learning rate after decay (nanoGPT: about learning_rate / 10)", range="[0, inf)")
     # system
-    device: str = setting("auto", "auto (CUDA when present, else CPU) | cpu | cuda; accelerate places processes")
+    device: str = setting("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N (one process)")
     backend: Literal["auto", "nccl", "gloo"] = setting("auto", "DDP backend with several processes (auto: nccl on "
                                                                "CUDA, gloo on CPU)")
     dtype: str = setting("auto", "auto (bf16 where the GPU or CPU supports it, fp16 with loss scaling on older GPUs, "

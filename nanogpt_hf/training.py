@@ -191,6 +191,8 @@ def check_start(s: TrainSettings) -> None:
 
 def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
     device_type = resolve_device_type(s.device)
+    if ":" in s.device:  # one process (see resolve_device_type): the current device is the one accelerate uses
+        torch.cuda.set_device(s.device)
     if s.threads:  # on a machine shared with other jobs, fewer threads than cores can be much faster
         torch.set_num_threads(s.threads)
     if device_type == "cpu":
@@ -398,8 +400,8 @@ def start_records(run: Run, data) -> None:
         hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
         run.pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub else None
     init_from = settings["init_from"]
-    run.card = {"settings": settings, "dataset": data.meta.get("source"), "repo_id": s.hub_model_id or None,
-                "recipe": ", ".join(run.record["recipes"]) or None,
+    run.card = {"settings": settings, "dataset": data.meta.get("source"), "dataset_id": data.meta.get("hub_id"),
+                "repo_id": s.hub_model_id or None, "recipe": ", ".join(run.record["recipes"]) or None,
                 "base_model": init_from if init_from not in ("scratch", "resume") else None}
     run.peak = peak_flops(run.accelerator.device, run.accelerator.mixed_precision)
     run.t_log = time.perf_counter()

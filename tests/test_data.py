@@ -96,7 +96,7 @@ def test_prepare_gives_tiktoken_ids_of_each_document_then_eot(prepared):
     meta = ds.meta
     assert ds.tokenizer_kind == "gpt2" and ds.vocab_size == 50257
     assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == len(expected)
-    assert meta["splits"]["val"]["tokens"] == round(len(expected) * 0.1)  # small corpus: the 10% tail
+    assert meta["splits"]["val"]["tokens"] == len(expected) - int(len(expected) * 0.9)  # small corpus: the 10% tail
     assert meta["vocab_size"] == 50257 and meta["tokenizer"] == "gpt2"
 
 
@@ -130,7 +130,21 @@ def test_tail_split_reads_no_python_lists(tmp_path, monkeypatch):
     monkeypatch.undo()
     expected = gpt2_encoding().encode_ordinary(TXT_A * 50) + [GPT2_EOT]
     assert stream_tokens(out, "train") + stream_tokens(out, "val") == expected
-    assert len(stream_tokens(out, "val")) == round(len(expected) * 0.1)
+    assert len(stream_tokens(out, "val")) == len(expected) - int(len(expected) * 0.9)
+
+
+@pytest.mark.parametrize("total, val", [(25, 3), (1_115_394, 111_540), (2, 1)])  # tiny Shakespeare: nanoGPT's counts
+def test_tail_split_cuts_where_nanogpt_does(total, val):
+    table = pa.table({"ids": pa.array([np.arange(total) % 65], pa.list_(pa.uint16()))})
+    train, held_out = data.tail_split(datasets.Dataset(table), 0.1)  # nanoGPT: data[:int(n * 0.9)], the rest val
+    assert data.row_lengths(held_out).sum() == val and data.row_lengths(train).sum() == total - val
+
+
+def test_streaming_refuses_the_tail_split(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text(TXT_A)
+    code, _, err = run_cli(capsys, str(tmp_path / "a.txt"), f"--out={tmp_path}/o", "--streaming", "--val_split=tail")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --streaming splits documents at random"), err
+    assert not (tmp_path / "o").exists()
 
 
 def test_tokenizer_saved_beside_the_data(prepared):
@@ -511,9 +525,16 @@ def test_embedded_corpus_default_out(tmp_path, monkeypatch):
     out = prepare(PrepareSettings(tokenizer="char"))
     assert out == os.path.join("data", "shakespeare_char")
     meta = open_dataset(out).meta
-    assert meta["vocab_size"] < 100 and meta["splits"]["train"]["tokens"] > 4_000_000
+    assert meta["vocab_size"] < 100 and meta["splits"]["train"]["tokens"] > 4_000_000 and meta["hub_id"] is None
     x, y = sample_batch(TokenStream(out, "train"), seed=0, step=0, index=0, batch_size=2, block_size=64)
     assert int(x.max()) < meta["vocab_size"]
+
+
+def test_a_hub_dataset_is_recorded_as_one(tmp_path, monkeypatch):  # the model card names it (and only it)
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [TXT_A] * 3})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: hub)
+    meta = open_dataset(prepare(PrepareSettings(source="someone/corpus", out=str(tmp_path / "o")))).meta
+    assert meta["source"] == meta["hub_id"] == "someone/corpus"
 
 
 def test_streaming_the_embedded_corpus(tmp_path):

@@ -271,13 +271,14 @@ def test_errors_are_one_line(capsys, char_dir, gpt2_dir, tmp_path):
     shutil.copytree(char_dir, damaged)
     (damaged / "tokenizer.json").write_text("{not json")
     cases = [
-        ([ck, "--temperature=0"], ["temperature"]),
+        ([ck, "--temperature=0"], ["temperature", "use --greedy"]),  # the setting's help
         ([ck, "--temperature=-1"], ["temperature"]),
         ([ck, "--temperature=nan"], ["temperature", "nan"]),
         ([ck, "--temperature=1e-40"], ["temperature", "1e-40"]),
         ([ck, "--temperature=inf"], ["temperature"]),
         ([ck, "--start=Zebra!"], ["'Z'", "vocabulary"]),
-        ([f"--out_dir={tmp_path / 'nothing'}"], ["does not exist"]),
+        ([f"--out_dir={tmp_path / 'nothing'}"], ["no checkpoint folder", "train a model first"]),
+        ([f"--out_dir={latin1}"], ["no checkpoint folder"]),  # a file
         ([f"--init_from={tmp_path / 'nothing'}"], ["does not exist"]),
         ([f"--init_from={tmp_path}"], ["not a checkpoint"]),
         ([f"--out_dir={os.path.dirname(char_dir)}"], ["not a checkpoint", char_dir]),  # like out/ of several runs

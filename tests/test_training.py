@@ -335,6 +335,28 @@ def test_more_cpu_processes_than_gpus_is_a_clear_error(monkeypatch):
     assert resolve_device_type("cpu") == "cpu"
 
 
+def test_device_cuda_n_trains_on_that_gpu(monkeypatch, tmp_path):
+    # nanoGPT's --device=cuda:1 trained on GPU 0: accelerate's one process takes the current device, never set
+    from nanogpt_hf.training import make_accelerator
+
+    class Chosen(Exception):
+        pass
+
+    def set_device(device):  # stops before accelerate looks for the (absent) GPU
+        raise Chosen(device)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Chosen, match="cuda:1"):
+        make_accelerator(tiny("data", tmp_path, device="cuda:1"))
+    with pytest.raises(UserError, match=r"device=cuda:2 but 2 CUDA GPU\(s\) are visible; use --device=cpu"):
+        make_accelerator(tiny("data", tmp_path, device="cuda:2"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="names one GPU for several processes; .* launch --gpu_ids"):
+        make_accelerator(tiny("data", tmp_path, device="cuda:1"))
+
+
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12)])
 def test_gpu_peak_by_name(monkeypatch, name, peak):
@@ -795,6 +817,20 @@ def test_deepspeed_is_refused(char_data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="DeepSpeed is not supported: .* use FSDP or DDP"):
         train(tiny(char_data, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source, from_hub, listed", [("shakespeare", False, None),  # the embedded corpus
+                                                       ("karpathy/tiny_shakespeare", True, ["karpathy/tiny_shakespeare"])])
+def test_the_card_names_a_hub_dataset_only_when_the_data_came_from_the_hub(char_data, tmp_path, source, from_hub,
+                                                                           listed):
+    from huggingface_hub import ModelCard
+
+    data = shutil.copytree(char_data, tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "source": source, "hub_id": source if from_hub else None}))
+    assert train(tiny(str(data), tmp_path / "out", max_iters=1, eval_interval=1)) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.to_dict().get("datasets") == listed and f"| dataset | {source} |" in card.text
 
 
 def test_push_to_hub_from_training_uploads_and_survives_failure(char_data, tmp_path, monkeypatch, capsys):
