@@ -59,7 +59,3 @@ def to_gpt2(model: NanoGPTForCausalLM) -> GPT2LMHeadModel:
     gpt2.load_state_dict(convert_state(model.state_dict(), gpt2.state_dict()), strict=True)
     gpt2.generation_config = model.generation_config
     return gpt2
-
-
-def save_gpt2(model: NanoGPTForCausalLM, directory: str) -> None:  # a folder stock transformers loads as is
-    to_gpt2(model).save_pretrained(directory)

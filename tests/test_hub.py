@@ -14,7 +14,7 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import hf_main
 from nanogpt_hf.common import UserError
-from nanogpt_hf.gpt2 import save_gpt2
+from nanogpt_hf.gpt2 import to_gpt2
 from nanogpt_hf.hub import HubPusher, check_repo_id, push_checkpoint, write_model_card
 from nanogpt_hf.tokenization import char_tokenizer
 
@@ -124,7 +124,7 @@ def test_card_snippet_runs_and_counts_parameters(tmp_path, export, bias):
                            bos_token_id=None, eos_token_id=None)
     model = NanoGPTForCausalLM(config)
     folder = tmp_path / "ckpt"
-    save_gpt2(model, folder) if export else model.save_pretrained(folder)
+    to_gpt2(model).save_pretrained(folder) if export else model.save_pretrained(folder)
     tok.save_pretrained(folder)
     write_model_card(folder, {})
     text = ModelCard.load(folder / "README.md").text

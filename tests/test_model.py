@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, NanoGPTModel
 from nanogpt_hf.common import UserError
-from nanogpt_hf.gpt2 import from_gpt2, save_gpt2, to_gpt2
+from nanogpt_hf.gpt2 import from_gpt2, to_gpt2
 from nanogpt_hf.training import configure_optimizer
 
 
@@ -261,19 +261,19 @@ def test_from_gpt2_equals_gpt2lmheadmodel(gpt2_dir):
     assert torch.equal(ours, theirs)
 
 
-def test_save_gpt2_round_trip_loads_in_stock_transformers(gpt2_dir, tmp_path):
+def test_to_gpt2_round_trip_loads_in_stock_transformers(gpt2_dir, tmp_path):
     gpt2 = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
-    save_gpt2(from_gpt2(str(gpt2_dir)), tmp_path / "out")
+    to_gpt2(from_gpt2(str(gpt2_dir))).save_pretrained(tmp_path / "out")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(back) is GPT2LMHeadModel
     x = torch.randint(0, 300, (2, 30))
     assert (back(x).logits - gpt2(x).logits).abs().max().item() < 1e-5
 
 
-def test_save_gpt2_of_a_biasless_model(tmp_path):
+def test_to_gpt2_of_a_biasless_model(tmp_path):
     torch.manual_seed(0)
     model = NanoGPTForCausalLM(tiny_config(bias=False)).eval()
-    save_gpt2(model, tmp_path)
+    to_gpt2(model).save_pretrained(tmp_path)
     gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     x = torch.randint(0, 300, (2, 30))
     assert (gpt2(x).logits - model(x).logits).abs().max().item() < 1e-5
@@ -315,7 +315,7 @@ def test_untied_head_round_trips_through_gpt2(tmp_path):
     model = NanoGPTForCausalLM(tiny_config(tie_word_embeddings=False)).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)
-    save_gpt2(model, tmp_path / "gpt2")
+    to_gpt2(model).save_pretrained(tmp_path / "gpt2")
     gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
     back = from_gpt2(str(tmp_path / "gpt2")).eval()
     assert not back.config.tie_word_embeddings
