@@ -7,16 +7,37 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .common import UserError
-from .configuration_nanogpt import NanoGPTConfig
+from .configuration_nanogpt import ARCHITECTURE, NanoGPTConfig
 from .modeling_nanogpt import NanoGPTForCausalLM
-from .nanochat import check_switches
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPT2Config options that change the function computed, at nanoGPT's values (not reorder_and_upcast_attn: it upcasts)
 NANOGPT_OPTIONS = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
-# our switches at GPT-2's values (its biases may be zero, its head untied, its activation any of transformers')
-GPT2_SWITCHES = dict(position_embedding="learned", norm="layernorm", norm_after_embedding=False, qk_norm=False,
-                     n_kv_head=None, final_logit_softcapping=None)
+# what stock GPT-2 expresses, any value (...): its shape, its biases (ours may be zero), any of transformers'
+# activations, a head tied or not, how the weights began; any other declared field must keep GPT-2's value
+GPT2 = dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation_function",
+                      "tie_word_embeddings", "zero_init_projections", "rope_theta"), ...)  # rope_theta: unused
+
+
+def departures(config, target: dict) -> dict:
+    """{name: the value target needs} for each declared field (configuration_nanogpt.ARCHITECTURE) that `target`
+    cannot express: a field it lists may take any value (...) or must take the one listed; any other field must keep
+    NanoGPTConfig's default, so a switch added later is refused until a target says it can express it."""
+    out = {}
+    for name in ARCHITECTURE:
+        value = getattr(config, name)
+        value = None if name == "n_kv_head" and value == config.n_head else value  # a key/value head per head: none
+        needed = target.get(name, getattr(NanoGPTConfig, name))
+        if needed is not ... and value != needed:
+            out[name] = needed
+    return out
+
+
+def check_target(config, target: dict, name: str) -> None:
+    """Refuse, naming the first field, a configuration that `name`'s architecture cannot express."""
+    for k, needed in departures(config, target).items():
+        raise UserError(f"the model has {k}={getattr(config, k)!r}, which {name} cannot express (it needs "
+                        f"{k}={needed!r})")
 
 
 def convert_state(state: dict, like: dict) -> dict:
@@ -50,7 +71,7 @@ def from_gpt2(name_or_path: str, dropout: float = 0.0, **kwargs) -> NanoGPTForCa
 def to_gpt2(model: NanoGPTForCausalLM) -> GPT2LMHeadModel:
     """The model as a stock transformers GPT2LMHeadModel computing the same logits (float32)."""
     c = model.config
-    check_switches(c, GPT2_SWITCHES, "GPT-2")
+    check_target(c, GPT2, "GPT-2")
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function=c.activation_function, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,

@@ -16,7 +16,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .common import UserError, first_line, is_hub_id, remove
-from .configuration_nanogpt import SWITCHES, NanoGPTConfig
+from .configuration_nanogpt import ARCHITECTURE, NanoGPTConfig
 
 PLACEHOLDER = "path/to/this/folder"  # what the card's snippets load until the folder has a Hub id
 CARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model_card.md")  # a str.format template
@@ -46,10 +46,13 @@ def write_model_card(folder: str, info: dict) -> None:
             "width": config.hidden_size, "context": config.max_position_embeddings, "vocabulary": config.vocab_size,
             "biases": getattr(config, "bias", getattr(config, "attention_bias", True)),  # GPT-2's: always
             "activation": getattr(config, "activation_function", getattr(config, "hidden_act", None)),
-            "parameters": f"{n_params:,} ({n_params / 1e6:.2f}M, without embedding tables)"}
-    if config.model_type == "nanogpt":  # its departures from GPT-2, as NanoGPTConfig names them
-        arch["switches"] = ", ".join(f"{k}={getattr(config, k)}" for k in SWITCHES
-                                     if getattr(config, k) != getattr(NanoGPTConfig, k)) or "none"
+            "parameters": f"{n_params:,} ({n_params / 1e6:.2f}M, " + ("without position embeddings; the token "
+                          "embedding counted once, as the tied head)" if config.tie_word_embeddings else
+                          "without embedding tables)")}
+    if config.model_type == "nanogpt":  # the other declared fields that depart from GPT-2's defaults
+        shown = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation_function")
+        arch["switches"] = ", ".join(f"{k}={getattr(config, k)}" for k in ARCHITECTURE
+                                     if k not in shown and getattr(config, k) != getattr(NanoGPTConfig, k)) or "none"
     rows = [f"| {k.replace('_', ' ')} | {f'{v:,}' if isinstance(v, int) else v} |" for k, v in info.items()
             if k in ("recipe", "dataset", "base_model", "steps", "tokens_seen") and v is not None]
     training = [info.get("source") or "", *(["", "| | |", "|---|---|", *rows] if rows else [])]

@@ -3,25 +3,19 @@
 import torch
 from transformers import NanoChatConfig, NanoChatForCausalLM
 
-from .common import UserError
+from .gpt2 import check_target
 
-# the switches nanochat's architecture fixes (its head may be tied or not, its logits capped or not)
-NANOCHAT_SWITCHES = dict(position_embedding="rotary", norm="rmsnorm", norm_after_embedding=True, qk_norm=True,
-                         activation_function="relu2", bias=False)
-
-
-def check_switches(config, required: dict, target: str) -> None:
-    """Refuse, naming the first switch, a configuration that `target`'s architecture cannot express."""
-    for name, value in required.items():
-        if getattr(config, name) != value and not (name == "n_kv_head" and config.n_kv_head == config.n_head):
-            raise UserError(f"the model has {name}={getattr(config, name)!r}, which {target} cannot express "
-                            f"(it needs {name}={value!r})")
+# what nanochat's architecture expresses: any shape, key/value heads, tied head, cap (...); the values it fixes
+NANOCHAT = dict(dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "dropout", "n_kv_head", "tie_word_embeddings",
+                               "final_logit_softcapping", "rope_theta", "zero_init_projections"), ...),
+                position_embedding="rotary", norm="rmsnorm", norm_after_embedding=True, qk_norm=True,
+                activation_function="relu2", bias=False)
 
 
 def to_nanochat(model) -> NanoChatForCausalLM:
     """The model as NanoChatForCausalLM: c_attn cut into q/k/v, the MLP's c_fc/c_proj as fc1/fc2 (float32)."""
     c = model.config
-    check_switches(c, NANOCHAT_SWITCHES, "transformers' NanoChat")
+    check_target(c, NANOCHAT, "transformers' NanoChat")
     n_kv = c.n_kv_head or c.n_head
     kv = n_kv * c.n_embd // c.n_head  # rows of c_attn per key or value
     config = NanoChatConfig(

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .common import UserError
-from .configuration_nanogpt import CHOICES
+from .configuration_nanogpt import ARCHITECTURE, NanoGPTConfig, allows
 
 SHIPPED_RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 RECIPE_SUFFIXES = (".yaml", ".yml", ".py")  # .py: a nanoGPT config file
@@ -35,18 +35,11 @@ def setting(default: Any, help: str, path: bool = False, range: str | None = Non
     return dataclasses.field(default=default, metadata={"help": help, "path": path, "range": range})
 
 
-def in_range(value: float, interval: str) -> bool:
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    above = value >= lo if interval[0] == "[" else value > lo
-    below = value <= hi if interval[-1] == "]" else value < hi
-    return above and below and math.isfinite(value)
-
-
 def validate(obj: Any) -> Any:
     """Check every setting against its declared range (types and choices are checked as values are converted)."""
     for f in dataclasses.fields(obj):
         value, interval = getattr(obj, f.name), f.metadata.get("range")
-        if interval and value is not None and not in_range(value, interval):
+        if interval and value is not None and not allows(interval, value):
             raise UserError(f"setting '{f.name}' must be in {interval}, got {value!r} ({f.metadata['help']})")
     return obj
 
@@ -154,9 +147,12 @@ def load_recipe(path: str) -> dict[str, Any]:
 def print_help(defaults: Any, prog: str, usage: str, description: str, epilog: str, recipes: list[str]) -> None:
     after = f" after {', '.join(map(os.path.basename, recipes))}" if recipes else ""
     lines = [f"usage: {prog} {usage}", "", description.strip(), "", f"settings (default{after}, meaning):"]
+    hints = typing.get_type_hints(type(defaults))
     for f in dataclasses.fields(defaults):
-        lines += [f"  --{f.name}={getattr(defaults, f.name)!r}" if isinstance(getattr(defaults, f.name), str)
-                  else f"  --{f.name}={getattr(defaults, f.name)}", f"      {f.metadata['help']}"]
+        value, choices = getattr(defaults, f.name), typing.get_args(hints[f.name])
+        allowed = f" (one of: {', '.join(map(str, choices))})" if typing.get_origin(hints[f.name]) is Literal else ""
+        lines += [f"  --{f.name}={value!r}" if isinstance(value, str) else f"  --{f.name}={value}",
+                  f"      {f.metadata['help']}{allowed}"]
     print("\n".join(lines + (["", epilog.strip()] if epilog else [])))
 
 
@@ -220,8 +216,8 @@ def save_yaml(values: dict, path: str) -> None:
 
 
 @dataclasses.dataclass
-class TrainSettings:
-    """Every setting of nanoGPT's train.py (same names and defaults: the GPT-2 124M run on OpenWebText), plus ours."""
+class RunSettings:
+    """Every setting of nanoGPT's train.py but the model's (same names and defaults: the GPT-2 124M run), plus ours."""
 
     # I/O
     out_dir: str = setting("out", "the run folder: the best (or latest) model as a save_pretrained folder, resumable "
@@ -252,24 +248,6 @@ class TrainSettings:
                                                    "meaning); tokens per step = batch_size x "
                                                    "gradient_accumulation_steps x block_size", range="[1, inf)")
     batch_size: int = setting(12, "sequences per micro-batch", range="[1, inf)")
-    block_size: int = setting(1024, "context length (a checkpoint with a longer one is cropped)", range="[1, inf)")
-    # model
-    n_layer: int = setting(12, "transformer blocks", range="[1, inf)")
-    n_head: int = setting(12, "attention heads", range="[1, inf)")
-    n_embd: int = setting(768, "embedding width", range="[1, inf)")
-    dropout: float = setting(0.0, "dropout; 0 for pretraining, 0.1+ for finetuning", range="[0, 1)")
-    bias: bool = setting(False, "biases in Linear and LayerNorm layers")
-    # model: departures from GPT-2, each alone or together (nanochat's GPT: recipes/shakespeare_char_modern.yaml)
-    position_embedding: Literal[CHOICES["position_embedding"]] = setting("learned", "rotary: RoPE on q and k")
-    rope_theta: float = setting(10000.0, "rotary embeddings' base", range="(0, inf)")
-    norm: Literal[CHOICES["norm"]] = setting("layernorm", "layernorm (GPT-2) | rmsnorm (without parameters)")
-    norm_after_embedding: bool = setting(False, "normalise the embeddings before the first block")
-    qk_norm: bool = setting(False, "RMSNorm of each head's queries and keys")
-    activation_function: Literal[CHOICES["activation_function"]] = setting("gelu", "MLP activation")
-    n_kv_head: int | None = setting(None, "grouped-query attention's key/value heads (none: n_head)", range="[1, inf)")
-    tie_word_embeddings: bool = setting(True, "the output head is the token embedding (false: a head of its own)")
-    final_logit_softcapping: float | None = setting(None, "logits = cap * tanh(logits / cap)", range="(0, inf)")
-    zero_init_projections: bool = setting(False, "each block's two output projections start at zero")
     # optimizer
     optimizer: Literal["adamw", "muon"] = setting("adamw", "adamw (nanoGPT) | muon: Muon for the blocks' matrices, "
                                                            "AdamW for the rest (nanochat)")
@@ -313,3 +291,21 @@ class TrainSettings:
     @property
     def tokens_per_step(self) -> int:
         return self.rows_per_step * self.block_size
+
+
+def model_settings(**defaults) -> list[tuple]:
+    """NanoGPTConfig's declared fields as settings (name, type, field), at its defaults unless given: the model's
+    architecture is declared once, in configuration_nanogpt.py."""
+    fields = {f.name: f for f in dataclasses.fields(NanoGPTConfig)}
+    out = []
+    for name in ARCHITECTURE:
+        allowed, tp = fields[name].metadata["allowed"], fields[name].type
+        tp = Literal[allowed] if isinstance(allowed, tuple) else float if tp == float | int else tp
+        default = defaults.get(name, fields[name].default)
+        out.append((name, tp, setting(default, fields[name].metadata["help"], range=allowed if isinstance(allowed, str)
+                                      else None)))
+    return out
+
+
+# train.py's settings: the run's, then the model's (nanoGPT's train.py: without biases)
+TrainSettings = dataclasses.make_dataclass("TrainSettings", model_settings(bias=False), bases=(RunSettings,))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer, check_checkpoint, latest_state, load_pretrained, read_trainer_state, state_dirs
 from .common import UserError, first_line
-from .configuration_nanogpt import NanoGPTConfig
+from .configuration_nanogpt import ARCHITECTURE as DECLARED, NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .evaluation import load_hellaswag, score_hellaswag
 from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak_flops, resolve_device_type,
@@ -39,9 +39,7 @@ demo on the shipped corpus), whose values the defaults below show. Tokens per op
 gradient_accumulation_steps x block_size, whatever the number of processes (each takes 1/N of the step's rows)."""
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
 EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
-# the settings that shape the model, NanoGPTConfig's names: a resume cannot change them
-ARCHITECTURE = [f.name for f in dataclasses.fields(TrainSettings)
-                if f.name in NanoGPTConfig.__annotations__ and f.name != "dropout"]
+ARCHITECTURE = [k for k in DECLARED if k != "dropout"]  # the settings that shape the model: a resume keeps them
 
 
 def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,

@@ -14,8 +14,9 @@ from transformers import GPT2LMHeadModel
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.common import UserError
-from nanogpt_hf.gpt2 import GPT2_SWITCHES, to_gpt2
-from nanogpt_hf.nanochat import NANOCHAT_SWITCHES, to_nanochat
+from nanogpt_hf.configuration_nanogpt import ARCHITECTURE
+from nanogpt_hf.gpt2 import GPT2, to_gpt2
+from nanogpt_hf.nanochat import NANOCHAT, to_nanochat
 from nanogpt_hf.tokenization import char_tokenizer
 
 VOCAB = len(set(TEXT))
@@ -29,8 +30,8 @@ MODERN = dict(position_embedding="rotary", norm="rmsnorm", norm_after_embedding=
 def make_model(**switches) -> NanoGPTForCausalLM:
     """A tiny model (GPT-2's switches unless given) with spread-out weights: logits far from ties, reaching the cap."""
     torch.manual_seed(0)
-    config = NanoGPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=VOCAB, bos_token_id=None,
-                           eos_token_id=None, **switches)
+    config = NanoGPTConfig(**{**dict(n_layer=2, n_head=4, n_embd=64, block_size=32), **switches}, vocab_size=VOCAB,
+                           bos_token_id=None, eos_token_id=None)
     model = NanoGPTForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -129,8 +130,7 @@ def assert_refused(argv, capsys, root, switch):
 def test_export_nanochat_refuses_a_gpt2_model_before_writing(tmp_path, capsys):
     save_checkpoint(tmp_path / "gpt2-style")
     capsys.readouterr()
-    assert_refused(["export-nanochat", tmp_path / "gpt2-style", tmp_path / "out"], capsys, tmp_path,
-                   "position_embedding")
+    assert_refused(["export-nanochat", tmp_path / "gpt2-style", tmp_path / "out"], capsys, tmp_path, "bias")
     assert not (tmp_path / "out").exists()
 
 
@@ -157,13 +157,39 @@ NOT_NANOCHAT = dict(position_embedding="learned", norm="layernorm", norm_after_e
                     activation_function="gelu", bias=True)
 
 
-@pytest.mark.parametrize("switch", sorted(GPT2_SWITCHES))
+@pytest.mark.parametrize("switch", sorted(k for k in ARCHITECTURE if GPT2.get(k) is not ...))
 def test_to_gpt2_names_each_switch_it_cannot_express(switch):
     with pytest.raises(UserError, match=f"{switch}="):
         to_gpt2(make_model(**{switch: NOT_GPT2[switch]}))
 
 
-@pytest.mark.parametrize("switch", sorted(NANOCHAT_SWITCHES))
+@pytest.mark.parametrize("switch", sorted(k for k in NANOCHAT if NANOCHAT[k] is not ...))
 def test_to_nanochat_names_each_switch_it_cannot_express(switch):
     with pytest.raises(UserError, match=f"{switch}="):
         to_nanochat(make_model(**{**MODERN, switch: NOT_NANOCHAT[switch]}))
+
+
+# a value off GPT-2's default for every declared field: a field added to NanoGPTConfig must be listed here
+OTHER_VALUE = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.1, bias=False,
+                   activation_function="gelu_new", tie_word_embeddings=False, position_embedding="rotary",
+                   rope_theta=100.0, norm="rmsnorm", norm_after_embedding=True, qk_norm=True, n_kv_head=2,
+                   final_logit_softcapping=2.0, zero_init_projections=True)
+
+
+@pytest.mark.parametrize("field", ARCHITECTURE)
+@pytest.mark.parametrize("target", ["gpt2", "nanochat"])
+def test_an_export_is_exact_or_refused_for_every_declared_field(field, target):
+    """By construction: any field of the architecture, off its value, exports to the same logits or is refused by
+    name; never a model that computes something else."""
+    assert set(OTHER_VALUE) == set(ARCHITECTURE)
+    base, convert = ({}, to_gpt2) if target == "gpt2" else (MODERN, to_nanochat)
+    value = OTHER_VALUE[field] if OTHER_VALUE[field] != base.get(field) else getattr(NanoGPTConfig, field)
+    ours = make_model(**{**base, field: value})
+    try:
+        theirs = convert(ours).eval()
+    except UserError as exc:
+        assert f"{field}=" in str(exc)
+        return
+    idx = torch.randint(0, VOCAB, (2, ours.config.block_size))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx).logits, atol=1e-5, rtol=1e-5)
