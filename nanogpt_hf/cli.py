@@ -2,7 +2,8 @@
 
 Our own checks raise UserError. Ordinary mistakes that the libraries find first (a missing or unreadable file, bad
 JSON or YAML, a damaged safetensors file, a Hub or datasets error, an impossible config value) arrive as the
-library's exception and are printed the same way (NANOGPT_DEBUG=1 shows their tracebacks). Anything else is our bug."""
+library's exception and are printed the same way (NANOGPT_DEBUG=1 shows their tracebacks). Anything else, and
+anything raised in our own work (common.own_work: the training loop), is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        if os.environ.get("NANOGPT_DEBUG") or not isinstance(exc, library_errors()):
+    except Exception as exc:  # an input mistake that a library found first, unless it arose in our own work
+        if os.environ.get("NANOGPT_DEBUG") or getattr(exc, "own_work", False) or not isinstance(exc, library_errors()):
             raise
         # the library's message on one line, with its location (a YAML line, the checkpoint being loaded)
         text = " ".join(" ".join([str(exc) or type(exc).__name__, *getattr(exc, "__notes__", [])][:2]).split())
-        print(f"error: {text[:400]} ({type(exc).__name__})", file=sys.stderr)
+        print(f"error: {text[:400]} ({type(exc).__name__}; NANOGPT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

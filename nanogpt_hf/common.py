@@ -14,6 +14,17 @@ class UserError(Exception):
     """A problem the user can fix; the message names the problem and the fix, on one line."""
 
 
+@contextlib.contextmanager
+def own_work():
+    """Marks our own work (the training loop, past every input): an exception raised inside is a bug, ours or in a
+    researcher's edit, and the CLI keeps its traceback even when its type is one that input mistakes raise."""
+    try:
+        yield
+    except Exception as exc:
+        exc.own_work = True
+        raise
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (library messages run on), or its type when it has none."""
     text = str(exc).strip()

@@ -91,8 +91,9 @@ def check_repo_id(repo_id: str, default_from: str = "") -> None:
         raise UserError(f"{what} '{repo_id}' is invalid ({first_line(exc)}); set --hub_model_id=user/name") from None
 
 
-def snapshot(folder: str) -> str:  # a hidden copy, beside the folder, of its top-level non-hidden files (not state/)
-    names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")]
+def snapshot(folder: str) -> str:  # a hidden copy, beside the folder, of its top-level files for the Hub (not state/)
+    names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")
+             and n != "train_config.yaml"]  # the settings with their local paths: the card has them without
     copy = tempfile.mkdtemp(prefix=".hub-upload-", dir=os.path.dirname(os.path.abspath(folder)))
     for name in names:
         shutil.copyfile(os.path.join(folder, name), os.path.join(copy, name))

@@ -282,6 +282,16 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
     GENERATION_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def generate(self, *args, **kwargs):
+        """generate(), refused before the first token when the sequence would outgrow block_size (pipeline,
+        max_new_tokens=...): the tokens fed back are the prompt's and all new ones but the last."""
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        new = kwargs.get("max_new_tokens") or getattr(kwargs.get("generation_config"), "max_new_tokens", None)
+        if isinstance(ids, torch.Tensor) and new:
+            prompt = int(mask.sum(-1).max()) if mask is not None and mask.ndim == 2 else ids.shape[-1]
+            if prompt + new - 1 > self.config.block_size:
+                raise ValueError(f"a prompt of {prompt} tokens and max_new_tokens={new} outgrow the model's block_size "
+                                 f"{self.config.block_size}: ask for at most {self.config.block_size + 1 - prompt} "
+                                 "new tokens (sample.py slides the context past block_size)")
         with sdpa_kernel(self.GENERATION_SDPA_BACKENDS):
             return super().generate(*args, **kwargs)
 

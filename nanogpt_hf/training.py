@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 
 import torch
@@ -22,7 +24,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer, check_checkpoint, latest_state, load_pretrained, read_trainer_state, state_dirs
-from .common import UserError, first_line
+from .common import UserError, first_line, is_hub_id, own_work
 from .configuration_nanogpt import ARCHITECTURE as DECLARED, NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
 from .evaluation import load_hellaswag, score_hellaswag
@@ -173,6 +175,15 @@ def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[Tra
     return dataclasses.replace(saved, **changed, init_from="resume", out_dir=out_dir), state, notes
 
 
+def check_settings(s: TrainSettings) -> None:
+    """A setting's own mistakes, before anything on disk is read: the model it describes, the device and dtype."""
+    try:
+        NanoGPTConfig(**{k: getattr(s, k) for k in DECLARED})
+    except ValueError as exc:  # the config names the field: it is the setting's name
+        raise UserError(f"settings: {str(exc).replace('NanoGPTConfig.', '')}") from None
+    resolve_mixed_precision(s.dtype, resolve_device_type(s.device))
+
+
 def check_start(s: TrainSettings) -> None:
     """Refusals before any work. One rule keeps runs from overwriting each other: an out_dir holding resumable states
     is continued with --init_from=resume, or the new run goes to another out_dir."""
@@ -252,10 +263,12 @@ def check_same_tokenizer(theirs, data, name: str) -> None:
                         "mean other characters): train on a dataset prepared from the same characters")
 
 
-def build_model(s: TrainSettings, state: str | None, data, explicit: dict) -> tuple[NanoGPTForCausalLM, TrainSettings]:
+def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) -> tuple[NanoGPTForCausalLM,
+                                                                                        TrainSettings]:
     """The model for init_from: scratch (shaped by the settings and the dataset's vocabulary), resume (the state's
-    config), or a checkpoint (finetuning, cropped to block_size). The settings then describe the model built; an
-    architecture setting given explicitly that a resumed or finetuned model does not have is refused, not ignored."""
+    config), or a checkpoint (finetuning or evaluating, at its own block size unless block_size is given: then
+    cropped). The settings then describe the model built; an architecture setting given explicitly that a resumed or
+    finetuned model does not have is refused, not ignored."""
     from transformers import AutoTokenizer
 
     if s.init_from == "scratch":
@@ -270,10 +283,13 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict) -> tu
     else:
         model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
         check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'")
-        if s.block_size > model.config.block_size:
-            raise UserError(f"block_size {s.block_size} is larger than the checkpoint's {model.config.block_size}: "
+        block_size = explicit.get("block_size", model.config.block_size)
+        if block_size > model.config.block_size:
+            raise UserError(f"block_size {block_size} is larger than the checkpoint's {model.config.block_size}: "
                             f"use --block_size={model.config.block_size} or less")
-        model.crop_block_size(s.block_size)
+        if block_size < model.config.block_size:
+            log(f"cropping {s.init_from} from block_size {model.config.block_size} to {block_size}")
+            model.crop_block_size(block_size)
     k = next((k for k in ARCHITECTURE if k in explicit and explicit[k] != getattr(model.config, k)), None)
     if k:  # a setting the model cannot follow is refused, not ignored
         raise UserError(f"init_from={s.init_from}: its model has {k}={getattr(model.config, k)!r}, which this run "
@@ -317,6 +333,7 @@ class Run:
 
 
 def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
+    check_settings(s)
     notes, state = [], None
     if s.init_from == "resume":
         s, state, notes = resume_settings(s, explicit, s.out_dir)
@@ -326,7 +343,7 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         accelerator.print(note)
     data = open_dataset(resolve_dataset(s, accelerator))
     set_seed(s.seed)  # the same initial weights on every process
-    model, s = build_model(s, state, data, explicit)
+    model, s = build_model(s, state, data, explicit, accelerator.print)
     check_compatible(data.meta, model.config.vocab_size, s.block_size,
                      vocab_fix="train on a dataset prepared with the model's tokenizer")
     model.generation_config.eos_token_id = model.generation_config.bos_token_id = model.config.eos_token_id
@@ -397,12 +414,19 @@ def start_records(run: Run, data) -> None:
         run.metrics = MetricsLog(os.path.join(s.out_dir, "metrics.jsonl"), resume_step=run.step or None)
         hub_id = s.hub_model_id or os.path.basename(os.path.normpath(s.out_dir))
         run.pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub else None
-    init_from = settings["init_from"]
-    run.card = {"settings": settings, "dataset": data.meta.get("source"), "dataset_id": data.meta.get("hub_id"),
+    paths = {f.name for f in dataclasses.fields(TrainSettings) if f.metadata["path"]}
+    card = {k: public(v) if k in paths else v for k, v in settings.items()}  # published: no local paths
+    init_from = card["init_from"]
+    run.card = {"settings": card, "dataset": public(data.meta.get("source")), "dataset_id": data.meta.get("hub_id"),
                 "repo_id": s.hub_model_id or None, "recipe": ", ".join(run.record["recipes"]) or None,
                 "base_model": init_from if init_from not in ("scratch", "resume") else None}
     run.peak = peak_flops(run.accelerator.device, run.accelerator.mixed_precision)
     run.t_log = time.perf_counter()
+
+
+def public(value: str | None) -> str | None:
+    """A local path as the model card publishes it: its last name only (a Hub id, scratch or gpt2 as they are)."""
+    return os.path.basename(os.path.normpath(value)) if value and not is_hub_id(value) else value
 
 
 def report(run: Run, event: dict, line: str, progress) -> None:
@@ -415,45 +439,51 @@ def report(run: Run, event: dict, line: str, progress) -> None:
                             step=event["iter"])
 
 
-def evaluate(run: Run, progress) -> None:
-    """Losses on both splits; the best model so far and a resumable state saved (nanoGPT's eval step)."""
-    t0, s = time.perf_counter(), run.s
-    losses = estimate_loss(run.model, run.streams, s, run.accelerator)
+def evaluate(run: Run) -> dict:
+    """What an evaluation measures: the mean loss of each split, HellaSwag's scores when set (nanoGPT's eval step)."""
+    losses = estimate_loss(run.model, run.streams, run.s, run.accelerator)
     if not all(math.isfinite(v) for v in losses.values()):
-        raise non_finite(losses["val"], run.step, s.out_dir)
-    ppl = {k: perplexity([v], [1]) for k, v in losses.items()}
-    line = (f"train loss {losses['train']:.4f} (perplexity {ppl['train']:.2f}), val loss {losses['val']:.4f} "
-            f"(perplexity {ppl['val']:.2f})")
+        raise non_finite(losses["val"], run.step, run.s.out_dir)
     hs = score_hellaswag(run.model, run.tokenizer, run.hellaswag, run.accelerator) if run.hellaswag else None
-    if s.eval_only:
-        run.accelerator.print(f"eval: {line}")
-        if hs:  # the one line of an evaluation, as the harness reports it
-            run.accelerator.print(f"hellaswag: acc={hs['acc']:.4f} acc_norm={hs['acc_norm']:.4f} "
-                                  f"examples={hs['examples']}")
-        return
-    event = {"type": "eval", "iter": run.step, "train_loss": losses["train"], "val_loss": losses["val"],
-             "train_ppl": ppl["train"], "val_ppl": ppl["val"], "tokens": run.tokens_seen,
-             **{f"hellaswag_{k}": v for k, v in (hs or {}).items()}}
-    if hs:
-        line += f", hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f}"
-    report(run, event, f"step {run.step}: {line}", progress)
+    return {**losses, "hellaswag": hs}
+
+
+def eval_lines(m: dict) -> list[str]:
+    """The losses (with their perplexity), and HellaSwag's line as the harness reports it."""
+    ppl = {k: perplexity([m[k]], [1]) for k in ("train", "val")}
+    lines = [f"train loss {m['train']:.4f} (perplexity {ppl['train']:.2f}), val loss {m['val']:.4f} "
+             f"(perplexity {ppl['val']:.2f})"]
+    if m["hellaswag"]:
+        hs = m["hellaswag"]
+        lines.append(f"hellaswag: acc={hs['acc']:.4f} acc_norm={hs['acc_norm']:.4f} examples={hs['examples']}")
+    return lines
+
+
+def report_eval(run: Run, m: dict, progress) -> None:
+    """An evaluation to metrics.jsonl, the console, the trackers and loss.png."""
+    event = {"type": "eval", "iter": run.step, "train_loss": m["train"], "val_loss": m["val"],
+             "train_ppl": perplexity([m["train"]], [1]), "val_ppl": perplexity([m["val"]], [1]),
+             "tokens": run.tokens_seen, **{f"hellaswag_{k}": v for k, v in (m["hellaswag"] or {}).items()}}
+    report(run, event, f"step {run.step}: " + ", ".join(eval_lines(m)), progress)
     if run.metrics is not None:
-        plot_losses(run.metrics.path, os.path.join(s.out_dir, "loss.png"))
-    # step 0 only reports the starting model; the first evaluation after training always saves
-    if run.step > 0 or s.max_iters == 0:
-        improved = losses["val"] < run.best_val_loss
-        if improved:  # best_val_loss only ever improves
-            run.best_val_loss, run.best_step = losses["val"], run.step
-        if improved or s.always_save_checkpoint:
-            run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=losses["train"],
-                            val_loss=losses["val"], best_val_loss=run.best_val_loss, hellaswag=hs)
-            run.ckpt.save_model(run.model, run.tokenizer, run.card)
-            if run.metrics is not None:  # nanoGPT says so too
-                progress.write(f"saved the model to {s.out_dir}")
-            if run.pusher:  # uploads in the background; a failure prints one line and training goes on
-                run.pusher.on_save(s.out_dir, f"step {run.step}: val loss {losses['val']:.4f}", improved)
-        save_state(run, evaluated=True)
-    run.paused += time.perf_counter() - t0
+        plot_losses(run.metrics.path, os.path.join(run.s.out_dir, "loss.png"))
+
+
+def save(run: Run, m: dict, progress) -> None:
+    """The model if it is the best so far (or at every evaluation, with always_save_checkpoint), pushed to the Hub as
+    hub_strategy says, and a resumable state."""
+    s, improved = run.s, m["val"] < run.best_val_loss
+    if improved:  # best_val_loss only ever improves
+        run.best_val_loss, run.best_step = m["val"], run.step
+    if improved or s.always_save_checkpoint:
+        run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=m["train"], val_loss=m["val"],
+                        best_val_loss=run.best_val_loss, hellaswag=m["hellaswag"])
+        run.ckpt.save_model(run.model, run.tokenizer, run.card)
+        if run.metrics is not None:  # nanoGPT says so too
+            progress.write(f"saved the model to {s.out_dir}")
+        if run.pusher:  # uploads in the background; a failure prints one line and training goes on
+            run.pusher.on_save(s.out_dir, f"step {run.step}: val loss {m['val']:.4f}", improved)
+    save_state(run, evaluated=True)
 
 
 def save_state(run: Run, evaluated: bool) -> str:
@@ -492,17 +522,22 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     run = setup(s, explicit or {}, list(recipes))
     s, acc = run.s, run.accelerator
     if s.eval_only:
-        evaluate(run, None)
+        with own_work():
+            acc.print("eval: " + "\n".join(eval_lines(evaluate(run))))  # and HellaSwag's line
         end_training(acc)
         return 0
     exit_code = 0
     quiet = not acc.is_main_process or not sys.stderr.isatty()  # a log file gets the log lines, not bar redraws
-    with StopSignals(acc) as stop, tqdm(total=s.max_iters, initial=run.step, desc="training", disable=quiet,
-                                        dynamic_ncols=True) as progress:
+    with own_work(), StopSignals(acc) as stop, tqdm(total=s.max_iters, initial=run.step, desc="training",
+                                                    disable=quiet, dynamic_ncols=True) as progress:
         while True:
             # evaluate (and save) at every eval_interval and after the last step
             if (run.step % s.eval_interval == 0 or run.step == s.max_iters) and not run.evaluated:
-                evaluate(run, progress)
+                t0, measured = time.perf_counter(), evaluate(run)
+                report_eval(run, measured, progress)
+                if run.step > 0 or s.max_iters == 0:  # step 0 only reports the starting model
+                    save(run, measured, progress)
+                run.paused += time.perf_counter() - t0  # ms/iter leaves out evaluating and saving
             run.evaluated = False
             if run.step >= s.max_iters:
                 break
@@ -538,7 +573,10 @@ def summary(run: Run) -> None:
 
 
 class StopSignals:
-    """SIGINT / SIGTERM set accelerate's trigger; the loop checks it at log steps, saves a state and exits."""
+    """SIGINT / SIGTERM set accelerate's trigger; the loop checks it at log steps, saves a state and exits. A second
+    signal ends the process at once, wherever it is: inside one long torch call Python's handlers never run, so a
+    thread of its own counts the signals as they arrive (Python's wakeup fd). What is on disk stays intact: every
+    save is atomic."""
 
     def __init__(self, accelerator):
         self.accelerator, self.signal, self.previous = accelerator, None, {}
@@ -546,11 +584,22 @@ class StopSignals:
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
+        self.wakeup, writer = socket.socketpair()
+        writer.setblocking(False)
+        self.previous_fd = signal.set_wakeup_fd(writer.detach(), warn_on_full_buffer=False)
+        threading.Thread(target=self.watch, daemon=True).start()
         return self
 
+    def watch(self) -> None:
+        """Each signal's number, as it arrives (on this thread; the main one may be busy): the second ends the run."""
+        seen = 0
+        while number := self.wakeup.recv(1):
+            seen += number[0] in self.previous
+            if seen == 2:
+                print(f"\n{signal.Signals(number[0]).name} received again: stopping now", file=sys.stderr, flush=True)
+                os._exit(128 + number[0])  # as the shell reports a process ended by that signal
+
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
         self.signal = signum
         self.accelerator.set_trigger()
         print(f"\n{signal.Signals(signum).name} received: stopping at the next log step and saving a state (send it "
@@ -559,6 +608,7 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        os.close(signal.set_wakeup_fd(self.previous_fd))  # the watcher's recv then ends
         return False
 
 
@@ -605,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     # no recipe: the demo's values are the defaults (not explicit settings: a resume keeps its saved ones)
     s, explicit = parse_command(TrainSettings, args, "train.py", DESCRIPTION, recipes=True,
                                 default_recipe=DEFAULT_RECIPE)
-    recipes = [os.path.basename(a) for a in args if a.endswith(RECIPE_SUFFIXES)] or ["default.yaml"]
+    recipes = [os.path.basename(a) for a in args if a.endswith(RECIPE_SUFFIXES)]  # none: defaults and flags
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar (training) and its log lines, no "Writing model shards" per save
