@@ -121,7 +121,7 @@ def set_up(s: BenchSettings, device_type: str, precision: str):
     return accelerator, raw, functools.partial(train_step, accelerator, model, optimizers)
 
 
-def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
+def run_train(s: BenchSettings, device_type: str, precision: str) -> tuple[float, float | None]:
     if s.profile:  # before the run: torch's trace writer kills the process on a folder it cannot write
         os.makedirs(s.profile, exist_ok=True)
     accelerator, raw, step = set_up(s, device_type, precision)
@@ -152,6 +152,7 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> None:
                 prof.step()
         accelerator.print(f"profiler trace written to {s.profile}/ (tensorboard --logdir {s.profile}, or Perfetto)")
     end_training(accelerator)  # under accelerate launch: close the process group, or exiting can abort
+    return dt, mfu  # for benchmarks/gpu_check.py
 
 
 def plain_step(model, optimizer, micro_batches, lrs: list[float], grad_clip, autocast, scaler) -> torch.Tensor:
@@ -217,7 +218,7 @@ def generate_full_recompute(model, idx: torch.Tensor, max_new_tokens: int) -> to
     return idx[:, prompt_len:]
 
 
-def run_generate(s: BenchSettings, device_type: str, precision: str) -> None:
+def run_generate(s: BenchSettings, device_type: str, precision: str) -> tuple[float, float]:
     device, dtype, n = torch.device(device_type), hardware.torch_dtype(precision), s.max_new_tokens
     model = checkpoint.load_pretrained(s.init_from, dtype=dtype)[0] if s.init_from else build_model(s)
     model = model.to(device=device, dtype=dtype).eval()
@@ -237,6 +238,7 @@ def run_generate(s: BenchSettings, device_type: str, precision: str) -> None:
     print(f"speed-up: {t_full / t_cached:.1f}x | same tokens: {same}")
     if len(diff):  # the cache must be exact: our bug, or a near-tie in a low-precision dtype
         raise AssertionError("the KV cache changed the tokens; rerun with --dtype=float32: a near-tie, or a bug?")
+    return n / t_cached, n / t_full  # tokens/s
 
 
 def main(argv: list[str] | None = None) -> None:

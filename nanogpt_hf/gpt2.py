@@ -72,11 +72,11 @@ def to_gpt2(model: NanoGPTForCausalLM) -> GPT2LMHeadModel:
     """The model as a stock transformers GPT2LMHeadModel computing the same logits (float32)."""
     c = model.config
     check_target(c, GPT2, "GPT-2")
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function=c.activation_function, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id, tie_word_embeddings=c.tie_word_embeddings))
+    gpt2 = GPT2LMHeadModel(GPT2Config(  # n_ctx: OpenAI's config.json has it, and llama.cpp's converter reads it
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+        n_head=c.n_head, activation_function=c.activation_function, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout, layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, tie_word_embeddings=c.tie_word_embeddings))
     gpt2.load_state_dict(convert_state(model.state_dict(), gpt2.state_dict()), strict=True)
     gpt2.generation_config = model.generation_config
     return gpt2

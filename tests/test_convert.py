@@ -5,13 +5,14 @@ nanoGPT's train.py writes it.
 """
 
 import datetime
+import json
 import os
 import pickle
 
 import pytest
 import torch
 from nanogpt_reference import RefGPT  # nanoGPT's model.py
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import hf_main
@@ -219,6 +220,31 @@ def test_import_and_export_gpt2_round_trip(tmp_path, capsys):
         torch.testing.assert_close(ours(idx).logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(back(idx).logits, expected, atol=1e-5, rtol=1e-5)
     assert "GPT2LMHeadModel" in (back_dir / "README.md").read_text()
+
+
+# the keys of OpenAI's config.json for gpt2 ... gpt2-xl on the Hub (openai-community/gpt2/config.json, as uploaded)
+OPENAI_GPT2_CONFIG_KEYS = (
+    "activation_function", "architectures", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
+    "initializer_range", "layer_norm_epsilon", "model_type", "n_ctx", "n_embd", "n_head", "n_layer", "n_positions",
+    "resid_pdrop", "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
+    "summary_use_proj", "task_specific_params", "vocab_size")
+# not written: {"text-generation": {"do_sample": true, "max_length": 50}}, which transformers 4's pipelines put over
+# the model's own generation config; a sampling default, not the model
+NOT_EXPORTED = ("task_specific_params",)
+
+
+def test_exported_config_has_openai_gpt2_keys_that_llama_cpp_reads(tmp_path, capsys):
+    """llama.cpp's convert_hf_to_gguf.py reads a GPT-2's n_layer, n_ctx, n_embd, n_head and layer_norm_epsilon from
+    AutoConfig(folder).to_dict(); without n_ctx it stopped with KeyError: 'n_ctx'."""
+    NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=24, vocab_size=40, bias=True,
+                                     bos_token_id=None, eos_token_id=None)).save_pretrained(tmp_path / "ours")
+    assert run_cli(["export-gpt2", tmp_path / "ours", tmp_path / "gpt2"], capsys)[0] == 0
+    written = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    missing = [k for k in OPENAI_GPT2_CONFIG_KEYS if k not in written and k not in NOT_EXPORTED]
+    assert not missing, f"OpenAI's GPT-2 config.json has {missing}"
+    hparams = AutoConfig.from_pretrained(tmp_path / "gpt2").to_dict()  # how the converter reads it
+    assert [hparams[k] for k in ("n_layer", "n_ctx", "n_positions", "n_embd", "n_head")] == [1, 24, 24, 16, 2]
+    assert hparams["layer_norm_epsilon"] == 1e-5 and hparams["architectures"] == ["GPT2LMHeadModel"]
 
 
 # ---- bad inputs: exit 2, one line, nothing written or changed ------------------------------------------------------
