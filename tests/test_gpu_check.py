@@ -57,8 +57,3 @@ def test_every_check_runs_on_tiny_cpu_shapes():
     assert [(r.check, r.status) for r in rows] == [(name, "ok") for name in checks], rows
     assert all(any(c.isdigit() for c in r.result) for r in rows)
 
-
-@pytest.mark.slow
-def test_the_two_process_check_launches_and_reads_its_step():
-    status, result = gpu_check.check_fsdp(gpu_check.TINY)
-    assert status == "ok" and "2 processes" in result and "ms/iter" in result, result
