@@ -229,7 +229,7 @@ def tokenizing(cfg: PrepareSettings, parts) -> tuple:
         return gpt2_tokenizer(), {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
     chars: set[str] = set()
     batches = itertools.chain.from_iterable(d.with_format("arrow").iter(batch_size=MAP_BATCH) for d in parts)
-    for batch in tqdm(batches, desc="Collecting characters", unit="batch"):
+    for batch in tqdm(batches, desc="Collecting characters", unit="batch", disable=None):
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
@@ -299,7 +299,7 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, nam
     rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
         batches = stream.with_format("arrow").iter(batch_size=MAP_BATCH)
-        for batch in tqdm(batches, desc=f"Tokenizing stream ({cfg.tokenizer})", unit="batch"):
+        for batch in tqdm(batches, desc=f"Tokenizing stream ({cfg.tokenizer})", unit="batch", disable=None):
             table = tokenize_batch(batch, **kwargs).cast(features.arrow_schema)
             is_val = rng.random(table.num_rows) < fraction
             val.append(table.filter(is_val))
