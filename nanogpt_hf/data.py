@@ -9,12 +9,15 @@ the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import hashlib
 import itertools
 import json
+import logging
+import lzma
 import os
 import re
 import time
@@ -25,15 +28,17 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from datasets.arrow_writer import ArrowWriter
+from datasets.exceptions import DatasetsError
 from datasets.data_files import _get_data_files_patterns, sanitize_patterns
 from datasets.utils.metadata import MetadataConfigs
 from fsspec.utils import glob_translate
 from huggingface_hub import DatasetCard
 from tqdm.auto import tqdm
 
-from .common import UserError, atomic_output, is_hub_id, remove
+from .common import UserError, atomic_output, first_line, is_hub_id, remove
 from .settings import parse_command, setting, validate
 from .tokenization import GPT2_EOT, char_tokenizer_from_stoi, gpt2_encoding, gpt2_tokenizer, load_tokenizer
 
@@ -41,8 +46,10 @@ META_FILE, META_FORMAT, META_VERSION = "meta.json", "nanogpt_hf.prepared", 1
 EMBEDDED = "shakespeare"
 EMBEDDED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shakespeare.jsonl.xz")
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TEXT = ("string", "large_string")  # Arrow's text types
 WILDCARD = re.compile(r"[*?\[]")
 MAP_BATCH = 1000  # documents per map batch (and rows per Arrow record batch that save_to_disk writes)
+logging.getLogger("datasets.packaged_modules").setLevel(logging.ERROR + 1)  # a bad file's log: naming_bad_files says it
 
 
 @dataclasses.dataclass
@@ -174,6 +181,9 @@ def load_corpus(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -
     if names[0] not in splits:
         missing = f"no split {names[0]!r}; " if names[0] else ""
         raise UserError(f"choose a split of '{cfg.source}' with --split ({missing}its splits: {', '.join(splits)})")
+    columns = {k: getattr(f, "dtype", "") in TEXT for k, f in (splits[names[0]].features or {}).items()}
+    if problem := _no_column(cfg.text_column, cfg.source, columns):  # (a stream's columns may be unknown: {})
+        raise UserError(problem)
     return {k: splits[k].select_columns([cfg.text_column]) for k in names}
 
 
@@ -182,8 +192,6 @@ def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
     parts = []
     for builder, group in itertools.groupby(files, key=_builder):  # a run of files of one format: one builder
         group = list(group)
-        if builder == "json" and all(os.path.getsize(f) == 0 for f in group):  # datasets raises StopIteration
-            raise UserError(f"the corpus file {group[0]} is empty")
         if builder == "text" and cfg.txt_documents == "paragraph":
             kind, kw = (datasets.IterableDataset, {}) if cfg.streaming else (datasets.Dataset, {"cache_dir": cache_dir})
             parts.append(kind.from_generator(paragraphs, features=datasets.Features({"text": datasets.Value("string")}),
@@ -198,10 +206,60 @@ def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
     return datasets.concatenate_datasets(parts)
 
 
+def file_problem(path: str, column: str | None) -> str | None:
+    """The first problem that the plain reader (json.loads per line or json.load, pyarrow.parquet, UTF-8) finds in a
+    corpus file, 'FILE, line N: cause; fix', or the `column` it lacks; None when it reads (or holds no rows)."""
+    kind = _builder(path)
+    columns, n, line = {"text": True} if kind == "text" else {}, 0, b""  # {column: holds text}
+    try:
+        if kind == "parquet":
+            parquet = pq.ParquetFile(path)
+            columns = {f.name: str(f.type) in TEXT for f in parquet.schema_arrow}
+            any(False for _ in parquet.iter_batches())  # reads every page
+        else:
+            with (lzma.open if path.endswith(".xz") else open)(path, "rb") as fh:
+                document = kind == "json" and fh.peek(1).lstrip()[:1] == b"["  # a JSON list, else an object a line
+                for n, line in enumerate([fh.read()] if document else fh, 1):
+                    if (text := line.decode("utf-8").rstrip()) and kind == "json":
+                        rows = json.loads(text)
+                        columns |= {k: isinstance(v, str) for r in (rows if document else [rows]) for k, v in r.items()}
+    except (ValueError, AttributeError) as exc:  # AttributeError: a row that is not a JSON object
+        decoding = isinstance(exc, json.JSONDecodeError)
+        n += exc.lineno - 1 if decoding else line.count(b"\n", 0, getattr(exc, "start", 0))
+        cause = f"{exc.msg} (column {exc.colno})" if decoding else "not a JSON object" if isinstance(
+            exc, AttributeError) else first_line(exc).rstrip(".")
+        fix = "save it as UTF-8" if isinstance(exc, UnicodeError) else f"fix or remove that {'line' if n else 'file'}"
+        return f"{path}{f', line {n}' if n else ''}: {cause}; {fix}"
+    return _no_column(column, path, columns)
+
+
+def _no_column(column: str | None, where: str, columns: dict[str, bool]) -> str | None:
+    """The missing `column` named, with the fix, for {column: holds text} (empty: not known), else None."""
+    if column is None or column in columns or not columns:
+        return None
+    fix = next((f"; pass --text_column={k}" for k, is_text in columns.items() if is_text), "")
+    return f"column '{column}' not in {where} (its columns: {', '.join(columns)}){fix}"
+
+
+@contextlib.contextmanager
+def naming_bad_files(files: list[str], column: str | None = None):
+    """Reading `files` through datasets: a failure is raised as UserError naming the first bad file and line, which
+    the plain readers find (datasets' own error names neither, its log a row counted from 0)."""
+    try:
+        yield
+    except (ValueError, StopIteration, DatasetsError) as exc:  # StopIteration: datasets' json builder, empty files
+        problem = next(filter(None, (file_problem(f, column) for f in files)), None)
+        if problem is None and files and all(os.path.getsize(f) == 0 for f in files):
+            problem = f"{files[0]} is empty"
+        if problem:
+            raise UserError(problem) from exc
+        raise
+
+
 def _texts(batch, column: str) -> list[str]:  # the functions datasets.map runs (maybe in workers) are module-level
     """An Arrow batch's documents (a missing text is an empty document); UserError when they are not text."""
     array = batch.column(column)
-    if str(array.type) not in ("string", "large_string", "null"):
+    if str(array.type) not in (*TEXT, "null"):
         raise UserError(f"column '{column}' holds {array.type}, not text; pick another --text_column")
     return [t or "" for t in array.to_pylist()]
 
@@ -229,7 +287,7 @@ def tokenizing(cfg: PrepareSettings, parts) -> tuple:
         return gpt2_tokenizer(), {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
     chars: set[str] = set()
     batches = itertools.chain.from_iterable(d.with_format("arrow").iter(batch_size=MAP_BATCH) for d in parts)
-    for batch in tqdm(batches, desc="Collecting characters", unit="batch"):
+    for batch in tqdm(batches, desc="Collecting characters", unit="batch", disable=None):
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
@@ -299,7 +357,7 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, nam
     rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
         batches = stream.with_format("arrow").iter(batch_size=MAP_BATCH)
-        for batch in tqdm(batches, desc=f"Tokenizing stream ({cfg.tokenizer})", unit="batch"):
+        for batch in tqdm(batches, desc=f"Tokenizing stream ({cfg.tokenizer})", unit="batch", disable=None):
             table = tokenize_batch(batch, **kwargs).cast(features.arrow_schema)
             is_val = rng.random(table.num_rows) < fraction
             val.append(table.filter(is_val))
@@ -358,7 +416,8 @@ def prepare(cfg: PrepareSettings) -> str:
         print(f"{out} is up to date; nothing to do (--force prepares it again)")
         return out
     t0 = time.time()
-    with atomic_output(out) as tmp:
+    readable = [] if files is None or saved(os.path.expanduser(cfg.source)) else files  # by the plain readers
+    with atomic_output(out) as tmp, naming_bad_files(readable, cfg.text_column):
         cache = os.path.join(tmp, "cache")  # datasets' work files, deleted before the folder is renamed into place
         os.makedirs(cache)
         parts = load_corpus(cfg, files, cache)  # one split, or the corpus's own train and val splits

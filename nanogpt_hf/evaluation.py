@@ -32,18 +32,25 @@ def load_hellaswag(source: str, limit: int = 0) -> list[dict]:
     the first `limit` examples (0: all), preprocessed. datasets caches both."""
     from datasets import load_dataset
 
+    from .data import naming_bad_files
+
     if is_hub_id(source):
         data = load_dataset(source, split="validation")
     else:
         builder = BUILDERS.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise UserError(f"HellaSwag file '{source}': pass a .jsonl, .json or .parquet file, or Rowan/hellaswag")
-        data = load_dataset(builder, data_files=os.path.expanduser(source), split="train")
+        with naming_bad_files([os.path.expanduser(source)]):  # a bad line named, not datasets' traceback
+            data = load_dataset(builder, data_files=os.path.expanduser(source), split="train")
     if missing := [f for f in FIELDS if f not in data.column_names]:
         raise UserError(f"HellaSwag file '{source}' lacks the fields {', '.join(missing)}: pass Rowan/hellaswag "
                         "or a file with its fields (rowanz's hellaswag_val.jsonl has them)")
     if limit:
         data = data.select(range(min(limit, len(data))))
+    for i, doc in enumerate(data):  # a wrong label or ending count would be scored silently (acc 0)
+        if len(doc["endings"]) != 4 or str(doc["label"]) not in ("0", "1", "2", "3"):
+            raise UserError(f"HellaSwag '{source}', example {i + 1}: {len(doc['endings'])} endings and label "
+                            f"{doc['label']!r}; each example needs 4 endings and a label 0-3")
     return [hellaswag_example(doc) for doc in data]
 
 

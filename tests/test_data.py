@@ -236,8 +236,44 @@ def test_streaming_read_errors_are_one_line(tmp_path, capsys, txt_documents):
     code, _, err = run_cli(capsys, str(tmp_path / "latin1.txt"), f"--out={tmp_path}/o", "--streaming=true",
                            f"--txt_documents={txt_documents}")
     assert code == 2 and "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith("error: ") and "UnicodeDecodeError" in err.splitlines()[-1]
+    assert err.splitlines()[-1] == (f"error: {tmp_path / 'latin1.txt'}, line 1: 'utf-8' codec can't decode byte 0xe9 in "
+                                    "position 3: invalid continuation byte; save it as UTF-8"), err
     assert sorted(os.listdir(tmp_path)) == ["latin1.txt"]
+
+
+MALFORMED = {  # file -> (its bytes, the error line that names it); every reader's, and a folder's bad file
+    "broken.jsonl": (b'{"text": "ok"}\n{not json\n', "broken.jsonl, line 2: Expecting property name enclosed in "
+                     "double quotes (column 2); fix or remove that line"),
+    "cut.jsonl": (b'{"text": "a line"}\n' * 85 + b'{"text": "cut he', "cut.jsonl, line 86: Unterminated string "
+                  "starting at (column 10); fix or remove that line"),  # pyarrow says 'in row 0' or 'row 85'
+    "list.json": (b'[\n {"text": "a"},\n {"text": \n]\n', "list.json, line 4: Expecting value (column 1)"),
+    "not_object.jsonl": (b'{"text": "a"}\n["text"]\n', "not_object.jsonl, line 2: not a JSON object"),
+    "latin1.txt": ("ok\ncafé\n".encode("latin-1"), "latin1.txt, line 2: 'utf-8' codec can't decode byte 0xe9 in "
+                   "position 3: invalid continuation byte; save it as UTF-8"),
+    "bad.parquet": (b"PAR1 not parquet", "bad.parquet: Parquet magic bytes not found in footer. Either the file is "
+                    "corrupted or this is not a parquet file; fix or remove that file"),
+    "folder/b.jsonl": (b'{"text": "ok"}\n{"text": "no comma" "x": 1}\n', "folder/b.jsonl, line 2: Expecting ',' "
+                       "delimiter (column 21); fix or remove that line"),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_file_is_named_with_its_line(name, streaming, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.jsonl").write_text('{"text": "a good file first"}\n')
+    (tmp_path / name).write_bytes(MALFORMED[name][0])
+    source = tmp_path / ("folder" if name.startswith("folder/") else name)
+    code, _, err = run_cli(capsys, str(source), f"--out={tmp_path}/o", f"--streaming={streaming}")
+    assert code == 2 and err.splitlines()[-1].startswith(f"error: {tmp_path / MALFORMED[name][1]}"), err
+    assert "Traceback" not in err and "Failed to" not in err, err  # datasets' log of the file (a row from 0): gone
+
+
+def test_a_missing_text_column_names_the_columns_and_the_fix(tmp_path, capsys):
+    datasets.Dataset.from_dict({"content": ["a text"] * 3, "id": [1, 2, 3]}).save_to_disk(str(tmp_path / "saved"))
+    code, _, err = run_cli(capsys, str(tmp_path / "saved"), f"--out={tmp_path}/o")
+    assert code == 2 and err.splitlines()[-1] == (f"error: column 'text' not in {tmp_path / 'saved'} (its columns: "
+                                                  "content, id); pass --text_column=content"), err
 
 
 def test_streaming_refuses_an_empty_train_split(tmp_path, capsys):
@@ -419,16 +455,18 @@ def test_symlinked_out_stays_a_link(corpus, tmp_path):
         (["{tmp}/missing.txt"], "does not exist"),
         (["{tmp}/missing_dir/"], "does not exist"),
         (["missing_dir/"], "does not exist"),  # a trailing slash: a local path, not a Hub id
-        (["{tmp}/columns"], "DatasetGenerationError"),  # datasets logs the file and its columns above
+        (["{tmp}/columns"], "column 'text' not in {tmp}/columns/b.jsonl (its columns: content); pass --text_column=content"),
         (["{tmp}/empty_dir"], "no corpus files"),
         (["{tmp}/empty.txt"], "empty"),
         (["{tmp}/empty.txt", "--tokenizer=char"], "empty"),
-        (["{corpus}/b.jsonl", "--text_column=body"], "['body'] not in the dataset"),
-        (["{corpus}/b.jsonl", "--text_column=body", "--streaming"], "['body'] not in the dataset"),
+        (["{corpus}/b.jsonl", "--text_column=body"], "column 'body' not in {corpus}/b.jsonl (its columns: text, id); pass --text_column=text"),
+        (["{corpus}/b.jsonl", "--text_column=body", "--streaming"], "column 'body' not in {corpus}/b.jsonl"),
+        (["{corpus}/c.parquet", "--text_column=body"], "column 'body' not in {corpus}/c.parquet (its columns: text, n); pass --text_column=text"),
         (["{corpus}/b.jsonl", "--text_column=id"], "column 'id' holds int64, not text"),
         (["{corpus}/b.jsonl", "--text_column=id", "--streaming"], "column 'id' holds int64, not text"),
-        (["{tmp}/bad.jsonl"], "DatasetGenerationError"),
-        (["{tmp}/empty.jsonl"], "the corpus file {tmp}/empty.jsonl is empty"),
+        (["{tmp}/bad.jsonl"], "{tmp}/bad.jsonl, line 2: Expecting property name enclosed in double quotes (column 2); fix or remove that line"),
+        (["{tmp}/bad.jsonl", "--streaming"], "{tmp}/bad.jsonl, line 2: Expecting property name"),
+        (["{tmp}/empty.jsonl"], "{tmp}/empty.jsonl is empty"),
         (["{tmp}/empty.jsonl", "--streaming"], "is empty"),
         (["{tmp}/bad.jsonl", "{tmp}/empty.jsonl"], "quote a glob"),
         (["--val_fraction=1.5"], "val_fraction"),
@@ -452,7 +490,7 @@ def test_bad_input_is_one_line_exit_2(args, message, corpus, tmp_path, capsys):
     code, _, err = run_cli(capsys, *args, f"--out={tmp_path}/out" if not any(a.startswith("--out") for a in args) else "--force=false")
     assert code == 2
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message.format(tmp=tmp_path) in lines[-1], err
+    assert lines[-1].startswith("error: ") and message.format(tmp=tmp_path, corpus=corpus) in lines[-1], err
     assert "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
     assert (tmp_path / "not_ours" / "precious.txt").read_text() == "keep me"

@@ -155,12 +155,20 @@ def load_main(argv):
     load_hellaswag(argv[0])
 
 
-@pytest.mark.parametrize("name, word", [("missing.jsonl", "missing.jsonl"), ("fields.jsonl", "ctx_a"),
-                                        ("val.txt", ".jsonl")])
+@pytest.mark.parametrize("name, word", [
+    ("missing.jsonl", "missing.jsonl"), ("fields.jsonl", "ctx_a"), ("val.txt", ".jsonl"),
+    ("empty.jsonl", "{tmp}/empty.jsonl is empty"),  # was a 25-line StopIteration traceback
+    ("cut.jsonl", "{tmp}/cut.jsonl, line 5: Unterminated string"),  # pyarrow: 'row 0' or 'row 4'
+    ("label.jsonl", "HellaSwag '{tmp}/label.jsonl', example 3: 4 endings and label 7;"),  # was scored: acc 0.0
+    ("endings.parquet", "HellaSwag '{tmp}/endings.parquet', example 2: 3 endings and label '0';")])
 def test_bad_files_are_one_line_errors(tmp_path, capsys, name, word):
     (tmp_path / "fields.jsonl").write_text('{"ind": 1, "ctx": "x"}\n')
     (tmp_path / "val.txt").write_text("x\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "cut.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS)[:-20])
+    write_rows(tmp_path / "label.jsonl", DOCS[:2] + [dict(DOCS[2], label=7)])
+    write_rows(tmp_path / "endings.parquet", [DOCS[0], dict(DOCS[1], endings=DOCS[1]["endings"][:3])])
     assert cli.run(load_main, [str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # progress bars aside
-    assert len(errors) == 1 and word in errors[0] and "Traceback" not in err
+    assert len(errors) == 1 and word.format(tmp=tmp_path) in errors[0] and "Traceback" not in err, err

@@ -84,8 +84,10 @@ def test_a_log_file_gets_log_lines_not_progress_bar_redraws(char_data, tmp_path)
     assert [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("iter")] == [
         "iter 10", "iter 20", "iter 30", "iter 40"]
     (tmp_path / "corpus.jsonl").write_text('{"text": "To be, or not to be: that is the question."}\n' * 200)
-    for command in [os.path.join(ROOT, "prepare.py"), str(tmp_path / "corpus.jsonl"), f"--out={tmp_path / 'data'}"], [
-            "-m", "nanogpt_hf.cli", "export-gpt2", str(tmp_path), str(tmp_path / "gpt2")]:  # datasets', transformers'
+    prepare = [os.path.join(ROOT, "prepare.py"), str(tmp_path / "corpus.jsonl")]
+    for command in [*prepare, f"--out={tmp_path / 'data'}"], [  # datasets', ours (char: 2 passes), transformers'
+            *prepare, f"--out={tmp_path / 'data_char'}", "--tokenizer=char", "--streaming"], [
+            "-m", "nanogpt_hf.cli", "export-gpt2", str(tmp_path), str(tmp_path / "gpt2")]:
         res = subprocess.run([sys.executable, *command], capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         assert res.returncode == 0 and b"\r" not in res.stderr and b"/s]" not in res.stderr, res.stderr[-2000:]
 
