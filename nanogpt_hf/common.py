@@ -17,11 +17,12 @@ class UserError(Exception):
 @contextlib.contextmanager
 def own_work():
     """Marks our own work (the training loop, past every input): an exception raised inside is a bug, ours or in a
-    researcher's edit, and the CLI keeps its traceback even when its type is one that input mistakes raise."""
+    researcher's edit, and the CLI keeps its traceback even when its type is one that input mistakes raise; an
+    OSError is still the disk's or the network's (one line)."""
     try:
         yield
     except Exception as exc:
-        exc.own_work = True
+        exc.own_work = not isinstance(exc, OSError)
         raise
 
 

@@ -70,8 +70,8 @@ class NanoGPTConfig(PreTrainedConfig):
         self.final_logit_softcapping = float(cap) if cap else None
         # impossible shapes fail here, naming the setting, rather than deep inside torch
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int):
-                raise ValueError(f"NanoGPTConfig.{name} must be an integer, got {getattr(self, name)!r}")
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"NanoGPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
             if "allowed" in f.metadata and not allows(f.metadata["allowed"], getattr(self, f.name)):
                 allowed = f.metadata["allowed"]

@@ -406,8 +406,10 @@ def test_padding_does_not_count_against_block_size():
     mask[:, 12:] = 1
     out = model.generate(padded, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(out[:, 12:], alone)
-    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than the model's block_size 16"):
+    with pytest.raises(ValueError, match="a prompt of 5 tokens and max_new_tokens=13 outgrow the model's block_size 16"):
         model.generate(padded, attention_mask=mask, max_new_tokens=13, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="sequence of 17 tokens is longer than the model's block_size 16"):
+        model(torch.randint(3, 300, (1, 20)), attention_mask=torch.tensor([[0] * 3 + [1] * 17]))
     logits = model(padded, attention_mask=mask).logits[:, 12:]
     assert (logits - model(prompt).logits).abs().max().item() < 1e-5
     out = model.generate(padded, attention_mask=mask, max_length=27, do_sample=False, pad_token_id=0)  # 10 new
