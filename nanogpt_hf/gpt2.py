@@ -19,25 +19,16 @@ GPT2 = dict.fromkeys(("block_size", "n_layer", "n_head", "n_embd", "dropout", "b
                       "tie_word_embeddings", "zero_init_projections", "rope_theta"), ...)  # rope_theta: unused
 
 
-def departures(config, target: dict) -> dict:
-    """{name: the value target needs} for each declared field (configuration_nanogpt.ARCHITECTURE) that `target`
-    cannot express: a field it lists may take any value (...) or must take the one listed; any other field must keep
-    NanoGPTConfig's default, so a switch added later is refused until a target says it can express it."""
-    out = {}
-    for name in ARCHITECTURE:
-        value = getattr(config, name)
-        value = None if name == "n_kv_head" and value == config.n_head else value  # a key/value head per head: none
-        needed = target.get(name, getattr(NanoGPTConfig, name))
-        if needed is not ... and value != needed:
-            out[name] = needed
-    return out
-
-
 def check_target(config, target: dict, name: str) -> None:
-    """Refuse, naming the first field, a configuration that `name`'s architecture cannot express."""
-    for k, needed in departures(config, target).items():
-        raise UserError(f"the model has {k}={getattr(config, k)!r}, which {name} cannot express (it needs "
-                        f"{k}={needed!r})")
+    """Refuse, naming it, a declared field (configuration_nanogpt.ARCHITECTURE) that `name`'s architecture cannot
+    express: a field `target` lists takes any value (...) or the one listed; any other must keep NanoGPTConfig's
+    default (GPT-2's), so a field added later is refused until a target lists it."""
+    for k in ARCHITECTURE:
+        value = None if k == "n_kv_head" and config.n_kv_head == config.n_head else getattr(config, k)  # one per head
+        needed = target.get(k, getattr(NanoGPTConfig, k))
+        if needed is not ... and value != needed:
+            raise UserError(f"the model has {k}={getattr(config, k)!r}, which {name} cannot express (it needs "
+                            f"{k}={needed!r})")
 
 
 def convert_state(state: dict, like: dict) -> dict:
