@@ -3,6 +3,7 @@ two processes."""
 
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.checkpoint import TRAINER_STATE, state_dirs
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.settings import TrainSettings
+from test_reliability import HOOKED, env, kill_tree, run_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=1, max_iters=8,
@@ -84,9 +86,9 @@ def test_muon_gets_the_blocks_matrices_and_adamw_the_rest(tied):
 # ---- 2. exact resume; 3. the schedule --------------------------------------------------------------------------
 
 
-def test_a_muon_run_resumes_bit_exactly_with_its_momentum(char_data, tmp_path, monkeypatch):
+def test_a_muon_run_resumes_bit_exactly_with_its_momentum_after_a_sigkill(char_data, tmp_path, monkeypatch):
     calls = recording(monkeypatch)
-    assert T.train(tiny(char_data, tmp_path / "a", dropout=0.1)) == 0
+    assert train_main(argv(char_data, tmp_path / "a", dropout=0.1)) == 0  # a: straight, as train.py runs it
     s = tiny(char_data, tmp_path / "a", dropout=0.1)
     assert [lrs for _, lrs in calls] == [T.learning_rates(s, i) for i in range(8)]
     with open(tmp_path / "a" / "metrics.jsonl") as fh:  # both LRs on record, as they were when each step ended
@@ -94,10 +96,16 @@ def test_a_muon_run_resumes_bit_exactly_with_its_momentum(char_data, tmp_path, m
     assert logged == [tuple(T.learning_rates(s, i)) for i in range(8)]
     assert [type(o.optimizer) for o in calls[0][0]] == [torch.optim.AdamW, torch.optim.Muon]
     assert [g["lr"] for o in calls[-1][0] for g in o.param_groups] == [calls[-1][1][0]] * 2 + [calls[-1][1][1]]
-    assert T.train(tiny(char_data, tmp_path / "b", dropout=0.1, max_iters=4, lr_decay_iters=8)) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert T.train(tiny(char_data, tmp_path / "b", dropout=0.1, lr_decay_iters=8, init_from="resume"),
-                   explicit={"max_iters": 8, "init_from": "resume"}) == 0
+    # b: `python train.py` SIGKILLed in step 6 (its gradients computed, not applied), resumed from step 4's state
+    (tmp_path / "hooked_train.py").write_text(HOOKED)
+    script = tmp_path / "hooked_train.py"
+    script.write_text(HOOKED)
+    rc, _ = run_until([sys.executable, str(script), *argv(char_data, tmp_path / "b", dropout=0.1)],
+                      lambda line: line.startswith("PAUSED"), lambda p: p.kill(), log_path=tmp_path / "stderr.txt",
+                      env=env(PAUSE_AT="step:6"))
+    assert rc == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert [step for step, _ in state_dirs(str(tmp_path / "b"))] == [4]
+    assert train_main([f"--out_dir={tmp_path / 'b'}", "--init_from=resume"]) == 0
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     buffers = {}
@@ -162,23 +170,31 @@ def test_a_state_of_one_adamw_resumes_and_refuses_a_switch_to_muon(char_data, tm
 # ---- 5. two processes --------------------------------------------------------------------------------------------
 
 
-def test_muon_on_two_processes_matches_one(char_data, tmp_path):
-    """DDP all-reduces the full gradients: each rank orthogonalises the same matrices, as one process does."""
-    kw = dict(max_iters=3, eval_interval=3, warmup_iters=1, backend="gloo")  # one process ignores the backend
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", os.path.join(ROOT, "train.py")]
-    res = run_group(launch + argv(char_data, tmp_path / "two", **kw), timeout=300,
-                    env=cpu_processes_env(PYTHONPATH=ROOT))
-    assert res.returncode == 0 and "2 process(es)" in res.stdout, res.stderr[-3000:]
+def test_muon_on_two_processes_killed_and_resumed_matches_one(char_data, tmp_path):
+    """DDP all-reduces the full gradients: each rank orthogonalises the same matrices, as one process does. The two
+    processes are SIGKILLed in step 3 and resumed from step 2's state (each rank's Muon momentum)."""
+    kw = dict(max_iters=4, eval_interval=2, warmup_iters=1, backend="gloo")  # one process ignores the backend
+    def launch(script):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", script]
+    (tmp_path / "hooked_train.py").write_text(HOOKED)
+    rc, stdout = run_until(launch(str(tmp_path / "hooked_train.py")) + argv(char_data, tmp_path / "two", **kw),
+                           lambda line: line.startswith("PAUSED"), kill_tree, log_path=tmp_path / "stderr.txt",
+                           env=cpu_processes_env(env(PYTHONPATH=ROOT, PAUSE_AT="step:3")), timeout=300)
+    assert rc == -signal.SIGKILL and "2 process(es)" in stdout, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert [step for step, _ in state_dirs(str(tmp_path / "two"))] == [2]
+    res = run_group(launch(os.path.join(ROOT, "train.py")) + [f"--out_dir={tmp_path / 'two'}", "--init_from=resume"],
+                    timeout=300, env=cpu_processes_env(PYTHONPATH=ROOT))
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     assert train_main(argv(char_data, tmp_path / "one", **kw)) == 0
     two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     # Muon's Newton-Schulz iterations run in bf16 and boost small singular directions ~400x: a last-bit difference in
     # the all-reduced gradient moves single weights by up to a fraction of lr (1e-2), but on average they agree to
-    # ~1e-4 (a rank stepping on its own gradients, or a wrong lr, would be off by ~lr)
+    # ~1e-4 (a rank stepping on its own gradients, a wrong lr or a lost momentum would be off by ~lr)
     assert two.keys() == one.keys() and all((two[k] - one[k]).abs().mean() < 5e-4 for k in two)
     losses = [train_losses(tmp_path / run) for run in ("two", "one")]
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=5e-4)
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=5e-4)
 
 
 def test_a_resume_applies_changed_optimizer_settings(char_data, tmp_path):
