@@ -14,9 +14,10 @@ import difflib
 import json
 import os
 import re
+import uuid
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 
 from .common import GPT2_NAMES, UserError, atomic_output, first_line, is_hub_id, remove
@@ -69,6 +70,25 @@ def load_pretrained(ref: str, dtype=torch.float32, **kwargs):
     elif model_type == "gpt2" and model.config.vocab_size >= GPT2_VOCAB_SIZE:
         tokenizer = gpt2_tokenizer(model_max_length=model.config.block_size)
     return model, tokenizer
+
+
+def check_shared_out_dir(accelerator, out_dir: str) -> None:
+    """Every process must see one out_dir (on several machines, shared storage): a state holds each process's RNG
+    file, and each process resumes from it. The main process writes a file there and every process looks for it."""
+    if accelerator.num_processes == 1:
+        return
+    name = [f".shared-{uuid.uuid4().hex}"]
+    if accelerator.is_main_process:
+        os.makedirs(out_dir, exist_ok=True)
+        open(os.path.join(out_dir, name[0]), "w").close()
+    path = os.path.join(out_dir, broadcast_object_list(name)[0])  # sent once the file is there
+    blind = [i for i, seen in enumerate(gather_object([os.path.exists(path)])) if not seen]
+    if accelerator.is_main_process:
+        remove(path)
+    if blind:
+        raise UserError(f"out_dir {out_dir} is not one folder for every process: process(es) {blind} cannot see "
+                        "what the main process writes there; on several machines, put out_dir on storage they all "
+                        "share (states hold every process's part, and a resume reads them)")
 
 
 def read_trainer_state(path: str) -> dict:

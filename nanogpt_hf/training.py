@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpointer, check_checkpoint, latest_state, load_pretrained, read_trainer_state, state_dirs
+from .checkpoint import (Checkpointer, check_checkpoint, check_shared_out_dir, latest_state, load_pretrained,
+                         read_trainer_state, state_dirs)
 from .common import UserError, first_line
 from .configuration_nanogpt import NanoGPTConfig
 from .data import check_compatible, eval_batch, open_dataset, sample_batch
@@ -324,6 +325,8 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         s, state, notes = resume_settings(s, explicit, s.out_dir)
     check_start(s)
     accelerator, device_type = make_accelerator(s)
+    if not s.eval_only:
+        check_shared_out_dir(accelerator, s.out_dir)
     for note in notes:
         accelerator.print(note)
     data = open_dataset(resolve_dataset(s, accelerator))
