@@ -1,14 +1,20 @@
 """HellaSwag in train.py: at every evaluation (metrics.jsonl, console, loss.png, model card) and with eval_only."""
 
 import json
+import random
 import re
 
 import pytest
+import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from PIL import Image
+from transformers import AutoTokenizer
 
+from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
-from test_training import metrics, tiny
+from nanogpt_hf.evaluation import load_hellaswag, score_hellaswag
+from test_training import metrics, scratch_model, tiny
 from nanogpt_hf.training import train
 
 
@@ -20,23 +26,38 @@ def fresh_accelerate_state():
 
 @pytest.fixture
 def hellaswag_file(tmp_path):
-    """Six examples in the rowanz hellaswag_val.jsonl format (label an int)."""
+    """Twelve examples in the rowanz hellaswag_val.jsonl format (label an int), each with its own context and
+    endings: a model's choices differ between examples."""
+    words = ("the king stands in hall and speaks of war to his lords who sing a song then leave crown on table while "
+             "queen eats bread with her sword").split()
+    rng = random.Random(0)
+    phrase = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     path = tmp_path / "hellaswag_val.jsonl"
-    rows = [{"ind": i, "activity_label": "Speaking", "ctx_a": "The king stands in the hall.",
-             "ctx_b": "he turns to the lords and", "ctx": "", "split": "val", "split_type": "indomain",
-             "endings": ["speaks of war.", "eats the crown.", "sings a song to them.", "leaves the hall."],
-             "label": i % 4, "source_id": f"x~{i}"} for i in range(6)]
+    rows = [{"ind": i, "activity_label": "Speaking", "ctx_a": phrase(6).capitalize() + ".", "ctx_b": phrase(4),
+             "ctx": "", "split": "val", "split_type": "indomain",
+             "endings": [phrase(rng.randint(2, 6)) + "." for _ in range(4)], "label": i % 4, "source_id": f"x~{i}"}
+            for i in range(12)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 
 def test_hellaswag_at_every_evaluation(char_data, tmp_path, hellaswag_file):
     out = tmp_path / "run"
-    assert train(tiny(char_data, out, max_iters=4, eval_interval=2, hellaswag=hellaswag_file)) == 0
+    s = tiny(char_data, out, max_iters=4, eval_interval=2, hellaswag=hellaswag_file, keep_states=0, dropout=0.5)
+    assert train(s) == 0
     evals = metrics(out, "eval")
     assert [e["iter"] for e in evals] == [0, 2, 4]
-    for e in evals:
-        assert 0 <= e["hellaswag_acc"] <= 1 and 0 <= e["hellaswag_acc_norm"] <= 1 and e["hellaswag_examples"] == 6
+    # each logged figure is the scorer's own on that step's model (the states hold them), in eval mode (dropout 0.5
+    # in training mode would change them)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator, tokenizer, examples = Accelerator(cpu=True), AutoTokenizer.from_pretrained(out), load_hellaswag(
+        hellaswag_file)
+    torch.manual_seed(s.seed)
+    models = [scratch_model(s, len(tokenizer))] + [NanoGPTForCausalLM.from_pretrained(out / "state" / f"step-{i}")
+                                                   for i in (2, 4)]
+    for e, model in zip(evals, models, strict=True):
+        assert {k: e[f"hellaswag_{k}"] for k in ("acc", "acc_norm", "examples")} == score_hellaswag(
+            model, tokenizer, examples, accelerator), e["iter"]
     assert Image.open(out / "loss.png").size[0] > Image.open(out / "loss.png").size[1] * 2  # a second panel
     card = (out / "README.md").read_text()
     assert "model-index:" in card and "Rowan/hellaswag" in card and "acc_norm" in card

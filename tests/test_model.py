@@ -348,12 +348,17 @@ def test_cached_and_uncached_generation_equal():
         assert torch.equal(a, b)
 
 
-def test_beam_search_runs_with_cache():
+def test_beam_search_with_the_cache_equals_beam_search_without():
+    """Beam search reorders the cache's rows as beams are kept or dropped: every beam, cached, is what a full
+    recomputation of each step gives."""
+    torch.manual_seed(0)
     model = NanoGPTForCausalLM(tiny_config()).eval()
-    prompt = torch.randint(0, 300, (2, 6))
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3,
-                         do_sample=False, eos_token_id=None)
-    assert out.shape == (2, 14)
+    prompt = torch.randint(3, 300, (2, 6))
+    # 16 tokens: long enough for a cache left in its old order to change the beams (8 were not, here)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, num_beams=3, num_return_sequences=3,
+              do_sample=False, eos_token_id=None)
+    cached, recomputed = model.generate(prompt, **kw), model.generate(prompt, use_cache=False, **kw)
+    assert cached.shape == (6, 22) and torch.equal(cached, recomputed)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

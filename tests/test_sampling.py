@@ -79,14 +79,10 @@ def assert_user_error(rc, err, *words):
 @pytest.mark.parametrize(
     "options",
     [
-        [],
-        ["--greedy"],
-        ["--temperature=1.5", "--top_k=5"],
-        ["--top_k=0", "--top_p=0.9"],
-        ["--repetition_penalty=1.3"],
+        [],  # what each option does: test_each_option_changes_the_samples_as_it_should
+        ["--temperature=1.5", "--top_k=5", "--top_p=0.9", "--repetition_penalty=1.3"],
         ["--batch"],
-        ["--stream"],
-        ["--dtype=bfloat16"],
+        ["--stream", "--dtype=bfloat16"],
         ["--device=cpu", "--dtype=float32"],
     ],
 )
@@ -99,6 +95,49 @@ def test_every_option_runs(capsys, char_dir, options):
     for t in texts:
         assert t.startswith("Speak") and t.endswith("\n")
         assert len(t) == len("Speak") + 20 + 1  # one character per token, then print's newline
+
+
+def greedy_by_generate(char_dir, dtype=torch.float32, **kw) -> str:
+    """'Speak' and 20 tokens, by model.generate itself: what sample.py must print for a greedy sample."""
+    from transformers import AutoTokenizer
+
+    model = NanoGPTForCausalLM.from_pretrained(char_dir, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(char_dir)
+    ids = torch.tensor([tokenizer("Speak")["input_ids"]])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, **kw)
+    return tokenizer.decode(out[0]) + "\n"
+
+
+def test_each_option_changes_the_samples_as_it_should(capsys, char_dir, monkeypatch):
+    """Each option shows: an option ignored would leave the samples as they were, or not as expected."""
+    import nanogpt_hf.sampling as sampling
+
+    dtypes, real = [], sampling.generate_ids
+    def spy(model, *args, **kw):  # the dtype sample.py generates in
+        dtypes.append(model.dtype)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(sampling, "generate_ids", spy)
+
+    def texts(*options):
+        rc, out, err = sample(capsys, f"--init_from={char_dir}", "--start=Speak", "--num_samples=3",
+                              "--max_new_tokens=20", *options)
+        assert rc == 0, err
+        return samples_of(out)
+
+    greedy = texts("--greedy", "--dtype=float32")
+    assert greedy == [greedy_by_generate(char_dir)] * 3
+    assert texts("--temperature=1.5", "--top_k=1", "--dtype=float32") == greedy  # only the most likely token left
+    assert texts("--top_k=0", "--top_p=1e-6", "--dtype=float32") == greedy  # so in the smallest nucleus
+    penalised = texts("--greedy", "--repetition_penalty=1.3", "--dtype=float32")
+    assert penalised == [greedy_by_generate(char_dir, repetition_penalty=1.3)] * 3 and penalised != greedy
+    sampled = texts("--dtype=float32")
+    assert len(set(sampled)) == 3 and texts("--temperature=1.5", "--dtype=float32") != sampled
+    assert texts("--stream", "--dtype=float32") == sampled  # the same samples, printed as they come
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    assert texts("--greedy", "--dtype=bfloat16") == [greedy_by_generate(char_dir, torch.bfloat16)] * 3
+    assert dtypes == [torch.bfloat16] * 3  # (this random model's greedy text is the same in float32)
 
 
 def test_resume_reads_out_dir_and_file_prompt(capsys, char_dir, tmp_path):

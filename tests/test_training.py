@@ -416,14 +416,21 @@ def test_bf16_autocast_run_tracks_fp32_and_saves_a_portable_checkpoint(char_data
 
 
 def test_best_val_loss_only_improves_and_model_is_the_best(char_data, tmp_path):
-    # a learning rate that makes training diverge after the first evaluation: the saved model must stay the best
-    s = tiny(char_data, tmp_path / "out", max_iters=6, eval_interval=2, always_save_checkpoint=False)
+    # a learning rate warming up to 1.0 (a divergence after the first evaluation): the saved model stays the best
+    out = tmp_path / "out"
+    s = tiny(char_data, out, max_iters=8, eval_interval=2, always_save_checkpoint=False, keep_states=0,
+             learning_rate=1.0, warmup_iters=40, lr_decay_iters=1000)
     assert train(s) == 0
-    from nanogpt_hf.checkpoint import latest_state, read_trainer_state
+    from nanogpt_hf.checkpoint import read_trainer_state
 
-    evals = metrics(tmp_path / "out", "eval")
-    best = min(e["val_loss"] for e in evals)
-    assert read_trainer_state(latest_state(str(tmp_path / "out")))["best_val_loss"] == best
+    evals = {e["iter"]: e["val_loss"] for e in metrics(out, "eval")}
+    assert evals[2] < evals[0] and all(evals[2] < evals[i] for i in (4, 6, 8))  # it diverged after step 2
+    for step in (2, 4, 6, 8):  # each state's record: the best so far, and its step
+        state = read_trainer_state(out / "state" / f"step-{step}")
+        assert (state["best_val_loss"], state["best_step"]) == (evals[2], 2)
+    saved, best = load_file(out / "model.safetensors"), load_file(out / "state" / "step-2" / "model.safetensors")
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in saved)
+    assert f"| val | {evals[2]:.4f} |" in (out / "README.md").read_text()  # the card describes that model
 
 
 def test_resume_is_exact(char_data, tmp_path):
@@ -518,8 +525,12 @@ def test_eval_only_on_resume_changes_nothing(char_data, tmp_path):
 
 
 def test_max_iters_0_saves_the_starting_model(char_data, tmp_path):
-    assert train(tiny(char_data, tmp_path, max_iters=0)) == 0
-    assert NanoGPTForCausalLM.from_pretrained(tmp_path).config.n_layer == 2
+    s = tiny(char_data, tmp_path, max_iters=0)
+    assert train(s) == 0
+    torch.manual_seed(s.seed)
+    start = scratch_model(s, open_dataset(char_data).vocab_size).state_dict()
+    saved = NanoGPTForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
 
 
 def test_finetuning_refuses_a_dataset_of_another_tokenizer(char_data, tmp_path):
@@ -632,9 +643,13 @@ def test_mfu_leaves_out_the_first_five_steps(char_data, tmp_path):
 def test_a_resumed_run_does_not_credit_the_demo_recipe(char_data, tmp_path):
     assert train(tiny(char_data, tmp_path, max_iters=3, eval_interval=3)) == 0
     AcceleratorState._reset_state(reset_partial_state=True)
+    saved = json.loads((tmp_path / "state" / "step-3" / "trainer_state.json").read_text())["settings"]
     assert train_main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=6"]) == 0
     card = (tmp_path / "README.md").read_text()
-    assert "6 |" in card and "default.yaml" not in card  # the saved settings ran, not the demo's
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    assert "| steps | 6 |" in rows and not [r for r in rows if r.startswith("| recipe |")]  # no recipe was given
+    # the saved settings ran and are on record, with the one change: not the demo's
+    assert yaml.safe_load(card.split("```yaml\n")[1].split("```")[0]) == {**saved, "max_iters": 6}
 
 
 @pytest.mark.slow
