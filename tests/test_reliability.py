@@ -5,7 +5,7 @@ and an evaluation + save every 4 steps. The reference is one straight run; every
 end with bitwise-equal weights and optimizer state, and with the same metrics.jsonl (timings aside).
 
 The random moments of the kill tests come from a seed printed on failure; RELIABILITY_SEED=N replays one and
-RELIABILITY_KILLS=N kills the single-process run N times instead of 2.
+RELIABILITY_KILLS=N kills the single-process run at N random moments instead of 1 (after its two fixed ones).
 """
 
 import errno
@@ -156,19 +156,52 @@ def assert_resumable_and_loadable(out_dir):
     return states[-1][0]
 
 
-SLOW_SAVE = """
+HOOKED = """
 import os, sys, time
 import nanogpt_hf.common as C
+import nanogpt_hf.training as T
 from nanogpt_hf.cli import train_main
 
-def slow(fn, seconds):
-    def wrapper(*args, **kwargs):
-        time.sleep(seconds)  # widen the window between writing the temporary copy and making it visible
-        return fn(*args, **kwargs)
-    return wrapper
+PAUSE_AT = os.environ.get("PAUSE_AT", "")  # step:N (weights not yet stepped) or state:N (half written)
+current = 0
 
-C.fsync_tree = slow(C.fsync_tree, 0.15)
-C.remove = slow(C.remove, 0.05)
+
+def pause(where):
+    print(f"PAUSED {where}", flush=True)  # the moment to kill at: nothing moves until then
+    time.sleep(600)
+
+
+def micro_batches(stream, s, step, *args):
+    global current
+    current = step + 1  # the step these batches make
+    return real_batches(stream, s, step, *args)
+
+
+def train_step(accelerator, model, optimizers, *args):
+    if PAUSE_AT == f"step:{current}":  # after the forward and backward passes, before the optimizer step
+        optimizers[0].step = lambda: pause(f"in step {current}")
+    return real_step(accelerator, model, optimizers, *args)
+
+
+def save_state(self, output_dir, **kwargs):
+    real_save_state(self, output_dir, **kwargs)
+    if PAUSE_AT.startswith("state:") and f"step-{PAUSE_AT[6:]}" in os.path.basename(output_dir):
+        pause(f"in the save of state step-{PAUSE_AT[6:]}: weights, optimizer and RNG written, the rest not")
+
+
+def fsync_tree(path):
+    time.sleep(0.15)  # widen the window between writing a temporary copy and making it visible
+    return real_fsync(path)
+
+
+def remove(path):
+    time.sleep(0.05)
+    return real_remove(path)
+
+
+real_batches, real_step, real_fsync, real_remove = T.micro_batches, T.train_step, C.fsync_tree, C.remove
+T.micro_batches, T.train_step, C.fsync_tree, C.remove = micro_batches, train_step, fsync_tree, remove
+real_save_state, T.Accelerator.save_state = T.Accelerator.save_state, save_state
 sys.exit(train_main())
 """
 
@@ -222,36 +255,48 @@ def seeded():
     return seed, random.Random(seed)
 
 
-# ---- 1. SIGKILL at random moments, one process ------------------------------------------------------------------
+# ---- 1. SIGKILL at fixed and random moments, one process ----------------------------------------------------------
+
+
+def landed(line) -> bool:
+    return line.startswith("PAUSED")
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(char_data, straight, tmp_path):
-    """`python train.py` killed with SIGKILL at a random moment, resumed and killed again during a save (slowed
-    down to make the window wide), then resumed to the end: the same weights, optimizer and losses as straight."""
+def test_sigkill_at_fixed_and_random_moments_then_resume_is_bitwise_exact(char_data, straight, tmp_path):
+    """`python train.py` killed with SIGKILL, each kill before the run ends: in a step (gradients computed, weights
+    not stepped), in a save (half of the state written), then at a random moment (anywhere, or during a save slowed
+    down to make the window wide); resumed after each, then to the end: the same weights, optimizer and losses as
+    straight."""
     seed, rng = seeded()
     out = tmp_path / "killed"
-    slow = tmp_path / "slow_save_train.py"
-    slow.write_text(SLOW_SAVE)
+    script = tmp_path / "hooked_train.py"
+    script.write_text(HOOKED)
+    fixed = [("step:6", 4), ("state:8", 4)]  # (where, the newest state it leaves)
     history = []
-    kills = int(os.environ.get("RELIABILITY_KILLS", 2))
-    for i in range(kills):
+    for i in range(len(fixed) + int(os.environ.get("RELIABILITY_KILLS", 1))):
         at = latest_state(str(out)) and read_trainer_state(latest_state(str(out)))["step"] or 0
         resume = ["--init_from=resume"] if latest_state(str(out)) else []  # killed before a state: start again
-        if i % 2 == 0:  # anywhere: after a random logged step, plus a random delay
+        pause = f"step:{MAX_ITERS}"  # random kills: a pause before the last step keeps the run from ending first
+        if i < len(fixed):
+            (pause, expected), how = fixed[i], (landed, lambda p: p.kill())
+            what = f"paused {pause}"
+        elif rng.random() < 0.5 or at >= MAX_ITERS - 4:  # anywhere: after a random logged step, plus a random delay
             target = rng.randint(at, MAX_ITERS - 3)
             how = (is_line("iter", target), sleep_then(rng.uniform(0, 0.15), lambda p: p.kill()))
-            script, what = TRAIN_PY, f"after iter {target + 1}"
+            what = f"after iter {target + 1}"
         else:  # during the evaluation/save that follows a 'step N:' line
             delay = rng.uniform(0, 0.7)
             how = (is_line("step", at), sleep_then(delay, lambda p: p.kill()))
-            script, what = str(slow), f"{delay:.2f}s into the save after the first eval past step {at}"
-        rc, stdout = run_until([sys.executable, script, *run_args(char_data, out), *resume], *how,
-                               log_path=tmp_path / f"stderr{i}.txt", cwd=tmp_path)
+            what = f"{delay:.2f}s into the save after the first eval past step {at}"
+        rc, stdout = run_until([sys.executable, str(script), *run_args(char_data, out), *resume], *how,
+                               log_path=tmp_path / f"stderr{i}.txt", cwd=tmp_path, env=env(PAUSE_AT=pause))
         history.append((what, rc))
         context = f"seed {seed}, kills {history}; stderr: {(tmp_path / f'stderr{i}.txt').read_text()[-2000:]}"
-        assert rc in (-signal.SIGKILL, 0), context
+        assert rc == -signal.SIGKILL, context  # the kill landed: the run had not ended
         history[-1] = (what, rc, assert_resumable_and_loadable(out))
+        if i < len(fixed):
+            assert history[-1][2] == expected and ("state" not in pause or leftovers(out)), context
     assert train_in_process(*run_args(char_data, out), *(["--init_from=resume"] if latest_state(str(out)) else [])) == 0
     assert_same_run(straight, out)
     assert not leftovers(out), leftovers(out)
