@@ -3,6 +3,7 @@ two processes."""
 
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.checkpoint import TRAINER_STATE, state_dirs
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.settings import TrainSettings
+from test_reliability import HOOKED, env, kill_tree, run_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, gradient_accumulation_steps=1, max_iters=8,
@@ -162,23 +164,31 @@ def test_a_state_of_one_adamw_resumes_and_refuses_a_switch_to_muon(char_data, tm
 # ---- 5. two processes --------------------------------------------------------------------------------------------
 
 
-def test_muon_on_two_processes_matches_one(char_data, tmp_path):
-    """DDP all-reduces the full gradients: each rank orthogonalises the same matrices, as one process does."""
-    kw = dict(max_iters=3, eval_interval=3, warmup_iters=1, backend="gloo")  # one process ignores the backend
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", os.path.join(ROOT, "train.py")]
-    res = run_group(launch + argv(char_data, tmp_path / "two", **kw), timeout=300,
-                    env=cpu_processes_env(PYTHONPATH=ROOT))
-    assert res.returncode == 0 and "2 process(es)" in res.stdout, res.stderr[-3000:]
+def test_muon_on_two_processes_killed_and_resumed_matches_one(char_data, tmp_path):
+    """DDP all-reduces the full gradients: each rank orthogonalises the same matrices, as one process does. The two
+    processes are SIGKILLed in step 3 and resumed from step 2's state (each rank's Muon momentum)."""
+    kw = dict(max_iters=4, eval_interval=2, warmup_iters=1, backend="gloo")  # one process ignores the backend
+    def launch(script):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", script]
+    (tmp_path / "hooked_train.py").write_text(HOOKED)
+    rc, stdout = run_until(launch(str(tmp_path / "hooked_train.py")) + argv(char_data, tmp_path / "two", **kw),
+                           lambda line: line.startswith("PAUSED"), kill_tree, log_path=tmp_path / "stderr.txt",
+                           env=cpu_processes_env(env(PYTHONPATH=ROOT, PAUSE_AT="step:3")), timeout=300)
+    assert rc == -signal.SIGKILL and "2 process(es)" in stdout, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert [step for step, _ in state_dirs(str(tmp_path / "two"))] == [2]
+    res = run_group(launch(os.path.join(ROOT, "train.py")) + [f"--out_dir={tmp_path / 'two'}", "--init_from=resume"],
+                    timeout=300, env=cpu_processes_env(PYTHONPATH=ROOT))
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
     assert train_main(argv(char_data, tmp_path / "one", **kw)) == 0
     two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     # Muon's Newton-Schulz iterations run in bf16 and boost small singular directions ~400x: a last-bit difference in
     # the all-reduced gradient moves single weights by up to a fraction of lr (1e-2), but on average they agree to
-    # ~1e-4 (a rank stepping on its own gradients, or a wrong lr, would be off by ~lr)
+    # ~1e-4 (a rank stepping on its own gradients, a wrong lr or a lost momentum would be off by ~lr)
     assert two.keys() == one.keys() and all((two[k] - one[k]).abs().mean() < 5e-4 for k in two)
     losses = [train_losses(tmp_path / run) for run in ("two", "one")]
-    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=5e-4)
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=5e-4)
 
 
 def test_a_resume_applies_changed_optimizer_settings(char_data, tmp_path):
