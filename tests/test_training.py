@@ -747,9 +747,9 @@ def test_wandb_offline_tracker(char_data, tmp_path, monkeypatch):
 
 
 def test_two_processes_match_one_process(char_data, tmp_path):
-    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 with one micro-batch per step (as the
-    demo recipes): each process takes half of its rows; the ranks end with identical weights, and their losses equal
-    a one-process run's within 1e-5."""
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 with 3 micro-batches of 4 rows per step:
+    each process takes half of the 12 rows, as 3 micro-batches of 2 (accumulated, gradients synchronised on the
+    last); the ranks end with identical weights, and their losses equal a one-process run's within 1e-5."""
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
@@ -768,7 +768,7 @@ def test_two_processes_match_one_process(char_data, tmp_path):
         "sys.exit(code)\n"
     )
     args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-            "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=4", "--eval_interval=4",
+            "--batch_size=4", "--gradient_accumulation_steps=3", "--max_iters=4", "--eval_interval=4",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
             "--dtype=float32", "--device=cpu", "--sample_at_end=false", "--backend=gloo"]  # one process ignores it
     env = cpu_processes_env()
@@ -805,13 +805,18 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    for script, out in ((os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), fsdp), (os.path.join(ROOT, "train.py"), ddp)):
-        res = run_group(launch + [script, *args, f"--out_dir={out}"], timeout=600, env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
-    a, b = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    # FSDP: 2 steps, then resumed from that state (sharded weights and optimizer) to 4; one process: 4 straight
+    outputs = [run_group(launch + [os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *args, f"--out_dir={fsdp}", *extra],
+                         timeout=600, env=env) for extra in (["--max_iters=2"], ["--init_from=resume"])]
+    assert [res.returncode for res in outputs] == [0, 0], [res.stderr[-3000:] for res in outputs]
+    assert f"resumed from {fsdp / 'state' / 'step-2'} at step 2" in outputs[1].stdout
+    assert train_main([*args, f"--out_dir={one}"]) == 0
+    a, b = load_file(fsdp / "model.safetensors"), load_file(one / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert metrics(fsdp, "eval")[-1]["val_loss"] == pytest.approx(metrics(ddp, "eval")[-1]["val_loss"], abs=1e-5)
+    assert metrics(fsdp, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
+    losses = [[e["loss"] for e in metrics(out, "train")] for out in (fsdp, one)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     code = ("from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(fsdp)!r}, trust_remote_code=True); "
             "print(type(m).__name__, m.lm_head.weight is m.transformer.wte.weight)")
