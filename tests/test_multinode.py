@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import cpu_processes_env, free_port
 from nanogpt_hf.checkpoint import state_dirs
-from test_reliability import TRAIN_PY, env, events, kill_tree, leftovers, train_in_process
+from test_reliability import TRAIN_PY, env, events, kill_tree, leftovers, tensors_equal, train_in_process
 
 MAX_ITERS = 24
 # one micro-batch of 4 rows per process; no dropout: one process draws the same masks as two only without it
@@ -29,7 +29,7 @@ NODE = ("accelerate launch --multi_gpu --num_machines 2 --machine_rank {rank} --
         "--main_process_port 29500 --num_processes 2 train.py")
 SRUN_TASK = ("accelerate launch --multi_gpu --num_machines $SLURM_NNODES --machine_rank $SLURM_NODEID "
              "--main_process_ip $MAIN_HOST --main_process_port 29500 "
-             "--num_processes $((SLURM_NNODES * SLURM_GPUS_ON_NODE)) train.py")
+             "--num_processes $((SLURM_NNODES * GPUS_PER_NODE)) train.py")
 
 
 def machine_env(**extra) -> dict:
@@ -43,6 +43,11 @@ def start(command: str, port: int, args: list[str], log, **extra) -> subprocess.
     line = command.replace("29500", str(port)).replace("train.py", shlex.quote(TRAIN_PY))
     return subprocess.Popen(["bash", "-c", line + " " + shlex.join(args)], stdout=log, stderr=subprocess.STDOUT,
                             env=machine_env(**extra), start_new_session=True)
+
+
+def read(log) -> str:
+    log.seek(0)
+    return log.read()
 
 
 def wait_all(procs, timeout=240) -> list[int]:
@@ -81,7 +86,7 @@ def test_two_machines_train_as_one_process_and_resume_exactly_after_both_are_kil
     for p in machines:
         kill_tree(p)
     codes = wait_all(machines)
-    text = [log.seek(0) or log.read() for log in logs]
+    text = [read(log) for log in logs]
     assert codes == [-signal.SIGKILL] * 2, text[0][-3000:] + text[1][-3000:]
     killed_at = state_dirs(str(out))[-1][0]
     assert killed_at < MAX_ITERS and f"step {MAX_ITERS}:" not in text[0]  # the kill landed mid-run
@@ -89,12 +94,13 @@ def test_two_machines_train_as_one_process_and_resume_exactly_after_both_are_kil
     # both resumed, each by its SLURM task's command
     port = free_port()
     for log in logs:
-        log.seek(0), log.truncate()
-    slurm = dict(SLURM_NNODES="2", SLURM_GPUS_ON_NODE="1", MAIN_HOST="127.0.0.1")
+        log.seek(0)
+        log.truncate()
+    slurm = dict(SLURM_NNODES="2", GPUS_PER_NODE="1", MAIN_HOST="127.0.0.1")  # what the job script sets
     machines = [start(SRUN_TASK, port, args + ["--init_from=resume"], logs[r], SLURM_NODEID=str(r), **slurm)
                 for r in (0, 1)]
     codes = wait_all(machines)
-    text = [log.seek(0) or log.read() for log in logs]
+    text = [read(log) for log in logs]
     assert codes == [0, 0], text[0][-3000:] + text[1][-3000:]
     assert f"resumed from {out / 'state' / f'step-{killed_at}'} at step {killed_at}" in text[0]
 
@@ -106,7 +112,7 @@ def test_two_machines_train_as_one_process_and_resume_exactly_after_both_are_kil
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
     state = out / "state" / f"step-{MAX_ITERS}"
     a, b = (torch.load(d / "optimizer.bin", weights_only=True) for d in (state, one_process / state.relative_to(out)))
-    assert all(torch.equal(x, y) for i in a["state"] for x, y in zip(a["state"][i].values(), b["state"][i].values()))
+    assert tensors_equal(a, b), "optimizer state differs"
     assert sorted(n for n in os.listdir(state) if n.startswith("random_states")) == [
         "random_states_0.pkl", "random_states_1.pkl"]  # each process's own RNG, in the one state
     assert not leftovers(out) and not [n for n in os.listdir(out) if n.startswith(".")]
@@ -124,8 +130,7 @@ def test_an_out_dir_the_machines_do_not_share_is_refused_at_start(char_data, tmp
                 for r in (0, 1)]
     codes = wait_all(machines)
     for r, log in enumerate(logs):
-        log.seek(0)
-        errors = [line for line in log.read().splitlines() if line.startswith("error:")]
+        errors = [line for line in read(log).splitlines() if line.startswith("error:")]
         assert errors == [f"error: out_dir {tmp_path / f'disk{r}'} is not one folder for every process: process(es) "
                           "[1] cannot see what the main process writes there; on several machines, put out_dir on "
                           "storage they all share (states hold every process's part, and a resume reads them)"], errors

@@ -806,18 +806,17 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    on_fsdp = os.path.join(ROOT, "tests", "fsdp_on_cpu.py")
-    # FSDP: 2 steps, then resumed from that state (sharded weights and optimizer) to 4; DDP: 4 straight
-    runs = [(on_fsdp, [f"--out_dir={fsdp}", "--max_iters=2"]), (on_fsdp, [f"--out_dir={fsdp}", "--init_from=resume"]),
-            (os.path.join(ROOT, "train.py"), [f"--out_dir={ddp}"])]
-    outputs = [run_group(launch + [script, *args, *extra], timeout=600, env=env) for script, extra in runs]
-    assert [res.returncode for res in outputs] == [0, 0, 0], [res.stderr[-3000:] for res in outputs]
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    # FSDP: 2 steps, then resumed from that state (sharded weights and optimizer) to 4; one process: 4 straight
+    outputs = [run_group(launch + [os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *args, f"--out_dir={fsdp}", *extra],
+                         timeout=600, env=env) for extra in (["--max_iters=2"], ["--init_from=resume"])]
+    assert [res.returncode for res in outputs] == [0, 0], [res.stderr[-3000:] for res in outputs]
     assert f"resumed from {fsdp / 'state' / 'step-2'} at step 2" in outputs[1].stdout
-    a, b = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert train_main([*args, f"--out_dir={one}"]) == 0
+    a, b = load_file(fsdp / "model.safetensors"), load_file(one / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert metrics(fsdp, "eval")[-1]["val_loss"] == pytest.approx(metrics(ddp, "eval")[-1]["val_loss"], abs=1e-5)
-    losses = [[e["loss"] for e in metrics(out, "train")] for out in (fsdp, ddp)]
+    assert metrics(fsdp, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
+    losses = [[e["loss"] for e in metrics(out, "train")] for out in (fsdp, one)]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-5)
     code = ("from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(fsdp)!r}, trust_remote_code=True); "
