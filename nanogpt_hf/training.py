@@ -601,6 +601,7 @@ class StopSignals:
             if seen == 2:
                 print(f"\n{signal.Signals(number[0]).name} received again: stopping now", file=sys.stderr, flush=True)
                 os._exit(128 + number[0])  # as the shell reports a process ended by that signal
+        self.wakeup.close()
 
     def handle(self, signum, frame):
         self.signal = signum
