@@ -590,7 +590,8 @@ class StopSignals:
         self.wakeup, writer = socket.socketpair()
         writer.setblocking(False)
         self.previous_fd = signal.set_wakeup_fd(writer.detach(), warn_on_full_buffer=False)
-        threading.Thread(target=self.watch, daemon=True).start()
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+        self.watcher.start()
         return self
 
     def watch(self) -> None:
@@ -613,6 +614,7 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         os.close(signal.set_wakeup_fd(self.previous_fd))  # the watcher's recv then ends
+        self.watcher.join()  # before the interpreter's shutdown, which a running thread can abort
         return False
 
 
