@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -62,15 +61,10 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
-@functools.cache
-def perplexity_metric():
-    """The perplexity metric shipped in the package, loaded by path (loading a metric by name needs the Hub)."""
-    import evaluate
-
-    return evaluate.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "perplexity"))
-
-
 def perplexity(losses: list[float], num_tokens: list[int]) -> float:
-    if not all(math.isfinite(loss) for loss in losses):
-        return math.nan
-    return perplexity_metric().compute(losses=losses, num_tokens=num_tokens)["perplexity"]
+    """exp of the token-weighted mean loss (nats per token); inf past exp's range (a diverging run), NaN stays NaN."""
+    loss = sum(l * n for l, n in zip(losses, num_tokens)) / sum(num_tokens)
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
