@@ -32,15 +32,13 @@ class MetricsLog:
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
     """Train (per logged step) and train/val (per evaluation) losses against the step; HellaSwag beside, when set."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no figure registry, no backend switch in a notebook's process
 
     events = read_metrics(metrics_path)
     evals = [e for e in events if e["type"] == "eval"]
     scored = [e for e in evals if "hellaswag_acc" in e]  # zero-shot HellaSwag accuracy (chance: 0.25): a 2nd panel
-    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(14 if scored else 7, 4), dpi=100, squeeze=False)
+    fig = Figure(figsize=(14 if scored else 7, 4), dpi=100)
+    axes = fig.subplots(1, 2 if scored else 1, squeeze=False)
     ax = axes[0][0]
     ax.plot([e["iter"] for e in events if e["type"] == "train"], [e["loss"] for e in events if e["type"] == "train"],
             color="tab:blue", alpha=0.35, lw=1, label="train (step)")
@@ -58,7 +56,6 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     fig.tight_layout()
     with atomic_output(png_path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def perplexity(losses: list[float], num_tokens: list[int]) -> float:

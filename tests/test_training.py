@@ -154,6 +154,27 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_loss(monkeypatch):
     assert math.isnan(perplexity([math.nan], [1]))
 
 
+def test_loss_png_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """train() in a notebook: drawing loss.png must not switch the session's backend (inline plots would stop)."""
+    import matplotlib
+    from PIL import Image
+
+    from nanogpt_hf.metrics import MetricsLog, plot_losses
+
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    for event in ({"type": "train", "iter": 1, "loss": 4.0}, {"type": "eval", "iter": 1, "train_loss": 3.9,
+                                                               "val_loss": 4.1}):
+        log.write(event)
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend but Agg
+    try:
+        plot_losses(log.path, str(tmp_path / "loss.png"))
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert Image.open(tmp_path / "loss.png").size == (700, 400)
+
+
 def test_lr_schedule_is_nanogpts():
     args = dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
     assert get_lr(0, **args) == pytest.approx(1e-3 * 1 / 11)
