@@ -10,14 +10,16 @@ DATASET_DIR is a prepared character-level dataset (python prepare.py tinyshakesp
   250 steps over 20 batches per split, torch.save of ckpt.pt when val loss improves, a printed line per step;
 - ours-auto / ours-fp32: python train.py recipes/shakespeare_char_cpu.yaml with --dtype=auto / float32 (no final
   sample: nanoGPT does not print one).
-Prints, per run: wall seconds, median ms/iter, the last evaluation's val loss (20 batches) and the saved model's loss
-on every token of the val split; then each kind's median wall time against nanoGPT's.
+Prints, per run: wall and CPU seconds (user + system: on a busy machine it varies less), median ms/iter, the last
+evaluation's val loss (20 batches) and the saved model's loss on every token of the val split; then each kind's median
+wall and CPU times against nanoGPT's.
 A kind may be listed more than once (--runs=ours-auto,nanogpt,ours-auto,nanogpt): runs alternate in that order.
 """
 
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -154,12 +156,18 @@ def full_val_loss(name: str, out: str, dataset: str) -> float:
     return total / tokens
 
 
-def run(cmd: list[str], log_path: str) -> float:
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:  # user + system time of the finished children so far
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cmd: list[str], log_path: str) -> tuple[float, float]:
+    """The command's wall seconds and CPU seconds (on a busy machine, CPU time varies less than wall time)."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
     with open(log_path, "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                        env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline"))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def main() -> None:
@@ -192,21 +200,22 @@ def main() -> None:
             cmd = [sys.executable, "train.py", "recipes/shakespeare_char_cpu.yaml", f"--dataset={dataset}",
                    f"--out_dir={out}", f"--dtype={dtype}", f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
                    f"--seed={seed}", "--sample_at_end=false"]
-        wall = run(cmd, os.path.join(out, "log.txt"))
+        wall, cpu = run(cmd, os.path.join(out, "log.txt"))
         if name == "nanogpt":
             r = json.load(open(os.path.join(out, "result.json")))
         else:
             events = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
             r = {"val_loss": [e for e in events if e["type"] == "eval"][-1]["val_loss"],
-                 "median_ms": statistics.median(e["ms_per_iter"] for e in events if e["type"] == "train")}
-        results[name].append(wall)
-        print(f"{name:10s} wall {wall:6.1f} s | median {r['median_ms']:5.1f} ms/iter | val loss {r['val_loss']:.4f} "
+                 "median_ms": statistics.median([e["ms_per_iter"] for e in events if e["type"] == "train"] or [0])}
+        results[name].append((wall, cpu))
+        print(f"{name:10s} wall {wall:6.1f} s | cpu {cpu:6.1f} s | median {r['median_ms']:5.1f} ms/iter | val loss {r['val_loss']:.4f} "
               f"(every val token: {full_val_loss(name, out, dataset):.4f})", flush=True)
     if "nanogpt" in results:
-        base = statistics.median(results["nanogpt"])
-        for name, walls in results.items():
-            print(f"{name:10s} median wall {statistics.median(walls):6.1f} s = {statistics.median(walls) / base:.2f} "
-                  f"x nanoGPT's")
+        base = [statistics.median(t) for t in zip(*results["nanogpt"])]
+        for name, runs_ in results.items():
+            wall, cpu = (statistics.median(t) for t in zip(*runs_))
+            print(f"{name:10s} median wall {wall:6.1f} s = {wall / base[0]:.2f} x nanoGPT's, median cpu {cpu:6.1f} s = "
+                  f"{cpu / base[1]:.2f} x nanoGPT's")
     print(f"logs in {work}")
 
 
