@@ -1,7 +1,7 @@
 """Wall time of nanoGPT's laptop run against ours, back to back on the same machine and the same prepared data.
 
     python benchmarks/bench_wall_time.py DATASET_DIR [--runs=ours-auto,ours-fp32,nanogpt] [--max_iters=2000]
-                                         [--seed=1337]
+                                         [--seed=1337] [--base=DIR]
 
 DATASET_DIR is a prepared character-level dataset (python prepare.py tinyshakespeare.txt --tokenizer=char
 --out=data/tiny_char). Each run is a fresh process timed from its start (imports included) to its end:
@@ -10,9 +10,12 @@ DATASET_DIR is a prepared character-level dataset (python prepare.py tinyshakesp
   250 steps over 20 batches per split, torch.save of ckpt.pt when val loss improves, a printed line per step;
 - ours-auto / ours-fp32: python train.py recipes/shakespeare_char_cpu.yaml with --dtype=auto / float32 (no final
   sample: nanoGPT does not print one).
-Prints, per run: wall and CPU seconds (user + system: on a busy machine it varies less), median ms/iter, the last
-evaluation's val loss (20 batches) and the saved model's loss on every token of the val split; then each kind's median
-wall and CPU times against nanoGPT's.
+- base-auto / base-fp32: the same from DIR, another checkout of this repository (git archive COMMIT | tar -x -C DIR),
+  to measure a change against the code before it in the same alternation.
+Prints, per run: wall and CPU seconds (user + system), the wall seconds outside the training steps (wall minus the sum
+of the logged step times: imports, set-up, evaluations, saves; on a busy machine the steps vary most), median ms/iter,
+the last evaluation's val loss (20 batches) and the saved model's loss on every token of the val split; then each
+kind's medians against nanoGPT's.
 A kind may be listed more than once (--runs=ours-auto,nanogpt,ours-auto,nanogpt): runs alternate in that order.
 """
 
@@ -111,7 +114,7 @@ def nanogpt_loop(data_dir: str, out_dir: str, max_iters: int, seed: int) -> None
         times.append(dt)
         print(f"iter {iter_num}: loss {loss.item():.4f}, time {dt * 1000:.2f}ms", flush=True)
     with open(os.path.join(out_dir, "result.json"), "w") as fh:
-        json.dump({"val_loss": losses["val"], "median_ms": statistics.median(times) * 1000}, fh)
+        json.dump({"val_loss": losses["val"], "median_ms": statistics.median(times) * 1000, "steps_s": sum(times)}, fh)
 
 
 def export_bins(dataset: str, out: str) -> None:
@@ -161,12 +164,12 @@ def cpu_seconds() -> float:  # user + system time of the finished children so fa
     return usage.ru_utime + usage.ru_stime
 
 
-def run(cmd: list[str], log_path: str) -> tuple[float, float]:
+def run(cmd: list[str], log_path: str, root: str = ROOT) -> tuple[float, float]:
     """The command's wall seconds and CPU seconds (on a busy machine, CPU time varies less than wall time)."""
     t0, c0 = time.perf_counter(), cpu_seconds()
     with open(log_path, "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline"))
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=root))
     return time.perf_counter() - t0, cpu_seconds() - c0
 
 
@@ -181,7 +184,7 @@ def main() -> None:
     opts = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
     if len(args) != 1 or not os.path.isfile(os.path.join(args[0], "meta.json")):
         sys.exit("usage: python benchmarks/bench_wall_time.py DATASET_DIR [--runs=ours-auto,ours-fp32,nanogpt] "
-                 "[--max_iters=2000] [--seed=1337]  (DATASET_DIR: a prepared character-level dataset)")
+                 "[--max_iters=2000] [--seed=1337] [--base=DIR]  (DATASET_DIR: a prepared character-level dataset)")
     dataset = os.path.abspath(args[0])
     runs = opts.get("runs", "ours-auto,ours-fp32,nanogpt").split(",")
     max_iters = int(opts.get("max_iters", LAPTOP["max_iters"]))
@@ -196,26 +199,28 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--nanogpt-child", work, out, str(max_iters),
                    str(seed)]
         else:
-            dtype = {"ours-auto": "auto", "ours-fp32": "float32", "ours-bf16": "bfloat16"}[name]
+            dtype = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[name.split("-")[1]]
             cmd = [sys.executable, "train.py", "recipes/shakespeare_char_cpu.yaml", f"--dataset={dataset}",
                    f"--out_dir={out}", f"--dtype={dtype}", f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
                    f"--seed={seed}", "--sample_at_end=false"]
-        wall, cpu = run(cmd, os.path.join(out, "log.txt"))
+        root = os.path.abspath(opts["base"]) if name.startswith("base-") else ROOT
+        wall, cpu = run(cmd, os.path.join(out, "log.txt"), root)
         if name == "nanogpt":
             r = json.load(open(os.path.join(out, "result.json")))
         else:
             events = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            ms = [e["ms_per_iter"] for e in events if e["type"] == "train"]  # one event a step (log_interval 1)
             r = {"val_loss": [e for e in events if e["type"] == "eval"][-1]["val_loss"],
-                 "median_ms": statistics.median([e["ms_per_iter"] for e in events if e["type"] == "train"] or [0])}
-        results[name].append((wall, cpu))
-        print(f"{name:10s} wall {wall:6.1f} s | cpu {cpu:6.1f} s | median {r['median_ms']:5.1f} ms/iter | val loss {r['val_loss']:.4f} "
-              f"(every val token: {full_val_loss(name, out, dataset):.4f})", flush=True)
-    if "nanogpt" in results:
+                 "median_ms": statistics.median(ms), "steps_s": sum(ms) / 1000}
+        results[name].append((wall, cpu, wall - r["steps_s"]))
+        print(f"{name:10s} wall {wall:6.1f} s | cpu {cpu:6.1f} s | outside steps {wall - r['steps_s']:5.1f} s | median "
+              f"{r['median_ms']:5.1f} ms/iter | val loss {r['val_loss']:.4f} (every val token: "
+              f"{full_val_loss(name, out, dataset):.4f})", flush=True)
+    if "nanogpt" in results:  # outside steps: imports, set-up, evaluations, saves (less exposed to a busy machine)
         base = [statistics.median(t) for t in zip(*results["nanogpt"])]
         for name, runs_ in results.items():
-            wall, cpu = (statistics.median(t) for t in zip(*runs_))
-            print(f"{name:10s} median wall {wall:6.1f} s = {wall / base[0]:.2f} x nanoGPT's, median cpu {cpu:6.1f} s = "
-                  f"{cpu / base[1]:.2f} x nanoGPT's")
+            print(f"{name:10s} medians: " + ", ".join(f"{what} {m:6.1f} s = {m / b:.2f}x" for what, m, b in zip(
+                ("wall", "cpu", "outside steps"), (statistics.median(t) for t in zip(*runs_)), base)) + " nanoGPT's")
     print(f"logs in {work}")
 
 
