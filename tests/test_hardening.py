@@ -76,8 +76,7 @@ sys.exit(train_main(sys.argv[1:]))
 @pytest.mark.slow
 def test_a_second_signal_stops_inside_a_long_torch_call(char_data, tmp_path):
     out = tmp_path / "run"
-    args = [f"--dataset={char_data}", f"--out_dir={out}", *TINY, "--max_iters=6", "--eval_interval=2",
-            "--threads=1"]
+    args = [f"--dataset={char_data}", f"--out_dir={out}", *TINY, "--max_iters=6", "--eval_interval=2"]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STEP, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
