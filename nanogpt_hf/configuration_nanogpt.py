@@ -36,7 +36,7 @@ class NanoGPTConfig(PreTrainedConfig):
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
                      "max_position_embeddings": "block_size"}
 
-    block_size: int = declared(1024, "context length (a checkpoint with a longer one is cropped)", "[1, inf)")
+    block_size: int = declared(1024, "context length (init_from a checkpoint: its own, unless given)", "[1, inf)")
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
     n_layer: int = declared(12, "transformer blocks", "[1, inf)")
     n_head: int = declared(12, "attention heads", "[1, inf)")
