@@ -129,12 +129,12 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> tuple[float
     batches = make_batches(s, device)
     peak = hardware.peak_flops(device, precision)  # measured on CPU: before the timing, not during it
     for i in range(s.warmup):
-        step(batches[i % 4], [LR], GRAD_CLIP).item()
+        step(batches[i % 4], [LR], GRAD_CLIP)[0].item()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # one sync per step (nanoGPT's loss.item() at log_interval=1); the median resists machine noise
     runs = [timed(device, step, batches[i % 4], [LR], GRAD_CLIP) for i in range(s.iters)]
-    dt, loss, tokens = statistics.median(t for _, t in runs), runs[-1][0].item(), s.batch_size * s.block_size * accum
+    dt, loss, tokens = statistics.median(t for _, t in runs), runs[-1][0][0].item(), s.batch_size * s.block_size * accum
     mfu = hardware.estimate_mfu(raw, s.batch_size * accum, s.block_size, dt, peak) if peak else None
     memory = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)" if device.type ==
               "cuda" else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)")
@@ -148,15 +148,16 @@ def run_train(s: BenchSettings, device_type: str, precision: str) -> tuple[float
         with profile(activities=supported_activities(), schedule=schedule(wait=0, warmup=1, active=3),
                      on_trace_ready=tensorboard_trace_handler(s.profile), record_shapes=True, acc_events=True) as prof:
             for i in range(4):
-                step(batches[i], [LR], GRAD_CLIP).item()
+                step(batches[i], [LR], GRAD_CLIP)[0].item()
                 prof.step()
         accelerator.print(f"profiler trace written to {s.profile}/ (tensorboard --logdir {s.profile}, or Perfetto)")
     end_training(accelerator)  # under accelerate launch: close the process group, or exiting can abort
     return dt, mfu  # for benchmarks/gpu_check.py
 
 
-def plain_step(model, optimizer, micro_batches, lrs: list[float], grad_clip, autocast, scaler) -> torch.Tensor:
-    """nanoGPT's train.py step in plain PyTorch, AdamW at lrs[0]: the baseline our train_step is measured against."""
+def plain_step(model, optimizer, micro_batches, lrs: list[float], grad_clip, autocast, scaler) -> tuple:
+    """nanoGPT's train.py step in plain PyTorch, AdamW at lrs[0]: the baseline our train_step is measured against.
+    Returns (loss, gradient norm or None), as train_step."""
     for group in optimizer.param_groups:
         group["lr"] = lrs[0]
     total = torch.zeros((), device=micro_batches[0][0].device)
@@ -166,13 +167,14 @@ def plain_step(model, optimizer, micro_batches, lrs: list[float], grad_clip, aut
             loss = model(input_ids=x, shift_labels=y, use_cache=False).loss / len(micro_batches)
         scaler.scale(loss).backward()
         total += loss.detach()
+    norm = None
     if grad_clip > 0.0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, norm
 
 
 def run_overhead(s: BenchSettings, device_type: str, precision: str) -> None:
@@ -191,7 +193,7 @@ def run_overhead(s: BenchSettings, device_type: str, precision: str) -> None:
     # step by step, alternating who goes first: noise (other processes, clock changes) then hits both loops alike
     for r in range(-max(s.warmup, 1), s.repeats * s.iters):  # warm-up steps (r < 0) untimed
         for name in list(loops)[::1 if r % 2 == 0 else -1]:
-            loss, seconds = timed(device, loops[name], batches[r % 4], [LR], GRAD_CLIP)
+            (loss, _), seconds = timed(device, loops[name], batches[r % 4], [LR], GRAD_CLIP)
             first.setdefault(name, loss.item())  # the same weights, the same batch: the losses must agree
             times[name] += [seconds * 1000] if r >= 0 else []
     med = {name: statistics.median(t) for name, t in times.items()}

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import lzma
+import math
 import os
 import re
 import time
@@ -522,31 +523,76 @@ def check_compatible(meta: dict, model_vocab_size: int, block_size: int,
                             f"{block_size + 1}; use a smaller block_size or more data")
 
 
-def _xy(stream: TokenStream, block_size: int, starts: np.ndarray | None = None, rng=None, batch_size: int = 0):
-    """x, y (B, T) int64: the windows at `starts`, or at batch_size random starts (nanoGPT's get_batch)."""
-    if len(stream) < block_size + 1:
-        raise UserError(f"the {stream.split} split has {len(stream)} tokens, fewer than block_size + 1")
-    starts = rng.integers(0, len(stream) - block_size, size=batch_size) if starts is None else starts
+def parse_mixture(text: str) -> dict[str, float]:
+    """'data/web:0.7,data/code:0.3' -> {folder: weight}; a folder without a weight weighs 1 (weights are relative)."""
+    mixture = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        path, _, weight = part.rpartition(":")
+        try:
+            path, weight = (path, float(weight)) if path else (part, 1.0)
+        except ValueError:  # a colon inside a folder's name
+            path, weight = part, 1.0
+        if not 0 < weight < math.inf:
+            raise UserError(f"dataset: the weight of '{path}' must be a positive number, got {weight}")
+        mixture[os.path.expanduser(path)] = mixture.get(os.path.expanduser(path), 0.0) + weight
+    names = [os.path.basename(os.path.normpath(p)) for p in mixture]
+    if len(set(names)) < len(names) or not names:  # each source's losses and tokens are reported by its name
+        raise UserError(f"dataset '{text}': name each source once, in folders with different names")
+    return mixture
+
+
+class Mixture:
+    """One split of one or several prepared folders: each row of a batch comes from a source drawn by weight, a pure
+    function of (seed, step, row), so that any number of processes, and a resumed run, draw the same rows."""
+
+    def __init__(self, streams: list[TokenStream], weights: list[float] = (1.0,), names: list[str] = ("",)):
+        self.streams, self.names, self.salt = list(streams), list(names), streams[0].salt
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)  # (sources,)
+
+    def sources(self, seed: int, step: int, rows: int) -> np.ndarray:
+        """(rows,) the source of each of the first `rows` rows of a step (fewer rows: a prefix of the same draw)."""
+        if len(self.streams) == 1:
+            return np.zeros(rows, dtype=np.int64)
+        return np.random.default_rng([seed, self.salt, 2, step]).choice(len(self.streams), size=rows, p=self.weights)
+
+    def tokens(self, seed: int, step: int, rows: int, block_size: int) -> dict[str, int]:  # tokens per source
+        counts = np.bincount(self.sources(seed, step, rows), minlength=len(self.streams)) * block_size
+        return dict(zip(self.names, counts.tolist()))
+
+
+def _xy(streams: list[TokenStream], block_size: int, starts: np.ndarray):
+    """x, y (B, T) int64: the window of block_size + 1 tokens at starts[b] of streams[b]."""
     w = np.empty((len(starts), block_size + 1), dtype=np.int64)  # one copy of each window, straight into int64
-    for row, start in enumerate(starts):
+    for row, (stream, start) in enumerate(zip(streams, starts)):
         w[row] = stream.window(int(start), block_size + 1)
     return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(w[:, 1:].copy())  # (B, T), (B, T)
 
 
-def sample_batch(stream: TokenStream, *, seed: int, step: int, index: int, batch_size: int, block_size: int):
+def _room(stream: TokenStream, block_size: int) -> int:  # how many windows the stream holds
+    if len(stream) < block_size + 1:
+        raise UserError(f"the {stream.split} split has {len(stream)} tokens, fewer than block_size + 1")
+    return len(stream) - block_size
+
+
+def sample_batch(data: TokenStream | Mixture, *, seed: int, step: int, index: int, batch_size: int, block_size: int):
     """Random windows for micro-batch `index` of optimizer step `step` (index counts over all processes): the batch of
     (seed, step, index) is the same whichever process draws it, so any process count sees the same data."""
-    rng = np.random.default_rng([seed, stream.salt, 0, step, index])  # 0: training, 1: evaluation draws
-    return _xy(stream, block_size, rng=rng, batch_size=batch_size)
+    mix = data if isinstance(data, Mixture) else Mixture([data])
+    streams = [mix.streams[k] for k in mix.sources(seed, step, (index + 1) * batch_size)[index * batch_size:]]
+    rng = np.random.default_rng([seed, mix.salt, 0, step, index])  # 0: training, 1: evaluation draws
+    return _xy(streams, block_size, rng.integers(0, [_room(st, block_size) for st in streams]))  # nanoGPT's get_batch
 
 
 def eval_batch(stream: TokenStream, *, seed: int, k: int, batch_size: int, block_size: int):
     """Evaluation batch k: the same windows at every evaluation, so losses are comparable across steps."""
-    return _xy(stream, block_size, rng=np.random.default_rng([seed, stream.salt, 1, k]), batch_size=batch_size)
+    rng = np.random.default_rng([seed, stream.salt, 1, k])
+    return _xy([stream] * batch_size, block_size, rng.integers(0, _room(stream, block_size), size=batch_size))
 
 
 def sequential_windows(stream: TokenStream, block_size: int, batch_size: int) -> Iterator[tuple]:
     """Windows [i*T, i*T + T] over the whole split, in order: every token after the first is a target once."""
-    n = (len(stream) - 1) // block_size  # max(n, 1): a split shorter than one window is refused by _xy
-    for first in range(0, max(n, 1), batch_size):
-        yield _xy(stream, block_size, starts=np.arange(first, min(first + batch_size, n)) * block_size)
+    n = (len(stream) - 1) // block_size
+    _room(stream, block_size)  # a split shorter than one window is refused
+    for first in range(0, n, batch_size):
+        starts = np.arange(first, min(first + batch_size, n)) * block_size
+        yield _xy([stream] * len(starts), block_size, starts)

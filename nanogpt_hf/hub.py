@@ -29,7 +29,7 @@ HOW_TO_LOAD = {"gpt2": ("A stock GPT-2 (`GPT2LMHeadModel`): plain transformers l
 
 def write_model_card(folder: str, info: dict) -> None:
     """README.md for a folder holding config.json. info (all optional): repo_id, title, source (a sentence), recipe,
-    dataset (dataset_id: its Hub id), base_model, license, tags, settings, steps, tokens_seen, *_loss; loss.png."""
+    dataset (datasets: their Hub ids), base_model, license, tags, settings, steps, tokens_seen, *_loss; loss.png."""
     config, ref = AutoConfig.from_pretrained(folder), info.get("repo_id") or PLACEHOLDER
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = AutoModelForCausalLM.from_config(config)
@@ -38,7 +38,7 @@ def write_model_card(folder: str, info: dict) -> None:
     data = ModelCardData(  # Hub ids only: a local path would publish the user's file system
         library_name="transformers", pipeline_tag="text-generation", license=info.get("license"),
         tags=list(dict.fromkeys(["nanogpt", "gpt2", "text-generation", *info.get("tags", [])])),
-        datasets=[info["dataset_id"]] if info.get("dataset_id") else None,
+        datasets=info.get("datasets") or None,
         base_model=info.get("base_model") if is_hub_id(info.get("base_model")) else None,
         eval_results=hellaswag_results(info), model_name=(info.get("repo_id") or info.get("title") or "nanoGPT model")
         if info.get("hellaswag") else None)

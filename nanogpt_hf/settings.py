@@ -55,6 +55,8 @@ def convert(name: str, tp: Any, raw: Any) -> Any:
             raise UserError(f"setting '{name}' must be one of {', '.join(map(str, args))}; got {raw!r}")
         return next(a for a in args if str(a) == str(raw))
     if tp is str:
+        if isinstance(raw, dict) and raw:  # a YAML mapping, as on the command line: a mixture's folder: weight
+            return ",".join(f"{k}:{v}" for k, v in raw.items())
         if raw is None or isinstance(raw, (bool, dict, list)):  # YAML read an empty value as null, off as False
             raise UserError(f"setting '{name}' expects a string, got {raw}; in a YAML recipe, quote the value")
         return str(raw)
@@ -239,14 +241,18 @@ class RunSettings:
     wandb_run_name: str = setting("gpt2", "wandb run name")
     log_with: str = setting("", "trackers through accelerate: wandb, tensorboard (comma-separated); empty = none")
     # data
-    dataset: str = setting("openwebtext", "a folder made by prepare.py, or a name under data_dir; the embedded "
-                                          "corpora shakespeare_char and shakespeare are prepared on first use",
-                           path=True)
+    dataset: str = setting("openwebtext", "a folder made by prepare.py, or a name under data_dir (the embedded "
+                                          "corpora shakespeare_char and shakespeare are prepared on first use); a "
+                                          "mixture: folders with weights, data/web:0.7,data/code:0.3 (or a YAML "
+                                          "mapping), each row drawn from a source by weight", path=True)
     data_dir: str = setting("data", "where dataset names are looked up (and the embedded corpora prepared)", path=True)
     gradient_accumulation_steps: int = setting(40, "micro-batches per optimizer step over ALL processes (nanoGPT's "
                                                    "meaning); tokens per step = batch_size x "
                                                    "gradient_accumulation_steps x block_size", range="[1, inf)")
     batch_size: int = setting(12, "sequences per micro-batch", range="[1, inf)")
+    total_batch_size: int | None = setting(None, "tokens per optimizer step (nanochat's); when set, "
+                                                 "gradient_accumulation_steps is derived: total_batch_size / "
+                                                 "(batch_size x block_size)", range="[1, inf)")
     # optimizer
     optimizer: Literal["adamw", "muon"] = setting("adamw", "adamw (nanoGPT) | muon: Muon for the blocks' matrices, "
                                                            "AdamW for the rest (nanochat)")
@@ -259,7 +265,11 @@ class RunSettings:
     beta2: float = setting(0.95, "AdamW beta2", range="[0, 1)")
     grad_clip: float = setting(1.0, "clip gradients at this norm; 0 disables", range="[0, inf)")
     # learning rate schedule
-    decay_lr: bool = setting(True, "warmup then cosine decay; false keeps learning_rate constant")
+    lr_schedule: Literal["cosine", "wsd", "constant"] = setting(
+        "cosine", "after the linear warmup: cosine (nanoGPT's) decay to min_lr | wsd: constant, then a linear warmdown "
+                  "to min_lr over the last warmdown_frac of the steps (modded-nanogpt, nanochat) | constant")
+    warmdown_frac: float = setting(0.4, "wsd: the fraction of lr_decay_iters spent in the warmdown", range="(0, 1]")
+    decay_lr: bool = setting(True, "nanoGPT's switch: false is lr_schedule=constant")
     warmup_iters: int = setting(2000, "linear warmup steps", range="[0, inf)")
     lr_decay_iters: int | None = setting(None, "steps of cosine decay; none (the default): max_iters, so "
                                                "--max_iters=500 shortens the decay too", range="[0, inf)")

@@ -91,3 +91,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:  # of a local folder s
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise UserError(f"'{path}' holds no tokenizer.json: pass a folder saved with save_pretrained")
     return AutoTokenizer.from_pretrained(path)
+
+
+def same_vocabulary(a, b) -> bool:  # the same ids mean the same tokens
+    return a.get_vocab() == b.get_vocab()

@@ -6,6 +6,7 @@ are a function of (seed, step, row); the optimizer and every RNG are saved).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
@@ -27,7 +29,7 @@ from .checkpoint import (Checkpointer, check_checkpoint, check_shared_out_dir, l
                          read_trainer_state, state_dirs)
 from .common import UserError, first_line, is_hub_id, own_work
 from .configuration_nanogpt import ARCHITECTURE as DECLARED, NanoGPTConfig
-from .data import check_compatible, eval_batch, open_dataset, sample_batch
+from .data import Mixture, check_compatible, eval_batch, open_dataset, parse_mixture, sample_batch
 from .evaluation import load_hellaswag, score_hellaswag
 from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak_flops, resolve_device_type,
                        resolve_mixed_precision, training_attention)
@@ -46,23 +48,30 @@ ARCHITECTURE = [k for k in DECLARED if k != "dropout"]  # the settings that shap
 
 
 def get_lr(it: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,
-           decay_lr: bool = True) -> float:
-    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not decay_lr:
+           decay_lr: bool = True, schedule: str = "cosine", warmdown_frac: float = 0.0) -> float:
+    """Linear warmup, then nanoGPT's cosine decay to min_lr at lr_decay_iters (then min_lr); or wsd: constant, then a
+    linear warmdown to min_lr over the last warmdown_frac of the lr_decay_iters steps; or constant."""
+    if not decay_lr or schedule == "constant":
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        warmdown = max(1, round(warmdown_frac * lr_decay_iters))
+        if it < lr_decay_iters - warmdown:  # stable: a resume with a larger max_iters extends this part
+            return learning_rate
+        return min_lr + (learning_rate - min_lr) * (lr_decay_iters - it) / warmdown
     decay_ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
 
 
 def learning_rates(s: TrainSettings, step: int) -> list[float]:
-    """Each optimizer's LR at a step: nanoGPT's schedule for AdamW, the same curve scaled to muon_lr for Muon."""
+    """Each optimizer's LR at a step: the schedule for AdamW, the same curve scaled to muon_lr for Muon."""
     decay_iters = s.lr_decay_iters if s.lr_decay_iters is not None else s.max_iters  # None: follow max_iters
-    lr = get_lr(step, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters, s.decay_lr)
+    lr = get_lr(step, s.learning_rate, s.min_lr, s.warmup_iters, decay_iters, s.decay_lr, s.lr_schedule,
+                s.warmdown_frac)
     return [lr, lr * s.muon_lr / s.learning_rate if s.learning_rate else 0.0] if s.optimizer == "muon" else [lr]
 
 
@@ -94,9 +103,11 @@ def prepare_model(accelerator, model, optimizers: list):
     return model, optimizers
 
 
-def train_step(accelerator, model, optimizers: list, micro_batches, lrs: list[float], grad_clip: float) -> torch.Tensor:
+def train_step(accelerator, model, optimizers: list, micro_batches, lrs: list[float],
+               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this process's micro-batches (x, y), nanoGPT style: each loss divided by their number,
-    gradients synchronised on the last one only, clipped, each optimizer at its lr. Returns the mean loss, no sync."""
+    gradients synchronised on the last one only, clipped, each optimizer at its lr. Returns the mean loss and the
+    gradient's norm before clipping, without a sync."""
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     for optimizer, lr in zip(optimizers, lrs, strict=True):
@@ -108,12 +119,11 @@ def train_step(accelerator, model, optimizers: list, micro_batches, lrs: list[fl
             loss = model(input_ids=x, shift_labels=y, use_cache=False).loss / n
         accelerator.backward(loss)
         total += loss.detach()
-    if grad_clip > 0.0:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0.0 else math.inf)
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return total
+    return total, grad_norm
 
 
 def micro_batches(stream, s: TrainSettings, step: int, rank: int, world: int, device) -> list[tuple]:
@@ -131,26 +141,34 @@ def micro_batches(stream, s: TrainSettings, step: int, rank: int, world: int, de
 
 
 @torch.no_grad()
-def estimate_loss(model, streams: dict, s: TrainSettings, accelerator) -> dict[str, float]:
-    """Mean loss over eval_iters fixed batches per split, spread over all processes and gathered. Every process runs
-    as many forwards (under FSDP a forward is a collective): the extra batches of the last round are left out."""
+def estimate_loss(model, streams: dict[str, Mixture], s: TrainSettings, accelerator) -> dict[str, float]:
+    """The mean loss of each split: of eval_iters fixed batches per source, their weighted mean over a mixture's
+    sources (each source's loss too, as 'val/NAME')."""
     model.eval()
     out = {}
-    world, rank = accelerator.num_processes, accelerator.process_index
-    for split, stream in streams.items():
-        total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
-        for i in range(math.ceil(s.eval_iters / world)):
-            k = i * world + rank
-            x, y = eval_batch(stream, seed=s.seed, k=min(k, s.eval_iters - 1), batch_size=s.batch_size,
-                              block_size=s.block_size)
-            with accelerator.autocast():
-                loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device),
-                             use_cache=False).loss
-            total += torch.stack([loss.float(), torch.ones_like(loss.float())]) * (k < s.eval_iters)
-        total = accelerator.reduce(total, reduction="sum")
-        out[split] = (total[0] / total[1]).item()
+    for split, mix in streams.items():
+        losses = [mean_loss(model, stream, s, accelerator) for stream in mix.streams]
+        out[split] = float(np.dot(mix.weights, losses))
+        if len(losses) > 1:
+            out |= {f"{split}/{name}": loss for name, loss in zip(mix.names, losses)}
     model.train()
     return out
+
+
+def mean_loss(model, stream, s: TrainSettings, accelerator) -> float:
+    """Mean loss over eval_iters fixed batches, spread over all processes and gathered. Every process runs as many
+    forwards (under FSDP a forward is a collective): the extra batches of the last round are left out."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = torch.zeros(2, device=accelerator.device)  # (sum of batch losses, batches)
+    for i in range(math.ceil(s.eval_iters / world)):
+        k = i * world + rank
+        x, y = eval_batch(stream, seed=s.seed, k=min(k, s.eval_iters - 1), batch_size=s.batch_size,
+                          block_size=s.block_size)
+        with accelerator.autocast():
+            loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device), use_cache=False).loss
+        total += torch.stack([loss.float(), torch.ones_like(loss.float())]) * (k < s.eval_iters)
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()
 
 
 # ---- settings and set-up ----------------------------------------------------------------------------------------
@@ -173,7 +191,13 @@ def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[Tra
             raise UserError(f"cannot resume with {k}={changed[k]!r}: the run in {out_dir} was trained with "
                             f"{k}={getattr(saved, k)!r}; start a new out_dir to change {k}")
     notes = [f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}" for k, v in changed.items()]
-    return dataclasses.replace(saved, **changed, init_from="resume", out_dir=out_dir), state, notes
+    s = dataclasses.replace(saved, **changed, init_from="resume", out_dir=out_dir)
+    last = ts["step"] - 1  # the last step trained: its learning rate under the new settings tells a jump
+    if last >= 0 and not math.isclose(learning_rates(saved, last)[0], learning_rates(s, last)[0], rel_tol=1e-9):
+        wsd = " (lr_schedule=wsd keeps it while a run is extended)" if s.lr_schedule == "cosine" else ""
+        notes.append(f"the learning rate jumps with these settings: {learning_rates(saved, last)[0]:.2e} at step "
+                     f"{last} -> {learning_rates(s, last + 1)[0]:.2e} at step {last + 1}{wsd}")
+    return s, state, notes
 
 
 def check_settings(s: TrainSettings) -> None:
@@ -183,6 +207,7 @@ def check_settings(s: TrainSettings) -> None:
     except ValueError as exc:  # the config names the field: it is the setting's name
         raise UserError(f"settings: {str(exc).replace('NanoGPTConfig.', '')}") from None
     resolve_mixed_precision(s.dtype, resolve_device_type(s.device))
+    parse_mixture(s.dataset)
 
 
 def check_start(s: TrainSettings) -> None:
@@ -230,23 +255,50 @@ def make_accelerator(s: TrainSettings) -> tuple[Accelerator, str]:
                         "shard; use DDP, or --optimizer=adamw")
     if s.optimizer == "muon" and accelerator.mixed_precision == "fp16":  # the loss scaler would unscale Muon's twice
         raise UserError("optimizer=muon does not work with float16 loss scaling: use --dtype=bfloat16 or float32")
-    if s.rows_per_step % accelerator.num_processes:
-        raise UserError(f"batch_size x gradient_accumulation_steps ({s.rows_per_step}) must be divisible by the "
-                        f"number of processes ({accelerator.num_processes})")
     return accelerator, device_type
 
 
-def resolve_dataset(s: TrainSettings, accelerator) -> str:
-    """The prepared folder for s.dataset (a path, or a name under data_dir); the embedded corpora are prepared on
+def resolve_dataset(dataset: str, data_dir: str, accelerator) -> str:
+    """The prepared folder for `dataset` (a path, or a name under data_dir); the embedded corpora are prepared on
     first use, by the main process."""
-    path = s.dataset if os.path.exists(s.dataset) or os.sep in s.dataset else os.path.join(s.data_dir, s.dataset)
-    kind = EMBEDDED_DATASETS.get(os.path.basename(os.path.normpath(s.dataset)))
+    path = dataset if os.path.exists(dataset) or os.sep in dataset else os.path.join(data_dir, dataset)
+    kind = EMBEDDED_DATASETS.get(os.path.basename(os.path.normpath(dataset)))
     with accelerator.main_process_first():
         if kind and accelerator.is_main_process and not os.path.isfile(os.path.join(path, "meta.json")):
             from .data import PrepareSettings, prepare
 
             prepare(PrepareSettings(source="shakespeare", tokenizer=kind, out=path))
     return path
+
+
+def open_data(s: TrainSettings, accelerator) -> tuple[list, dict[str, Mixture]]:
+    """The prepared folders of s.dataset (several for a mixture, of one tokenizer) and each split as a Mixture."""
+    from .tokenization import same_vocabulary
+
+    mixture = parse_mixture(s.dataset)
+    sources = [open_dataset(resolve_dataset(path, s.data_dir, accelerator)) for path in mixture]
+    for other in sources[1:]:
+        if not same_vocabulary(sources[0].tokenizer(), other.tokenizer()):
+            raise UserError(f"dataset: {sources[0].path} and {other.path} were prepared with different tokenizers "
+                            f"(their ids mean other tokens): prepare {other.path} again with "
+                            f"--tokenizer={sources[0].path}")
+    names = [os.path.basename(os.path.normpath(path)) for path in mixture]
+    return sources, {split: Mixture([d.stream(split) for d in sources], list(mixture.values()), names)
+                     for split in ("train", "val")}
+
+
+def derive_batch(s: TrainSettings, processes: int) -> TrainSettings:
+    """gradient_accumulation_steps from total_batch_size when it is set; the step's rows must split over processes."""
+    if s.total_batch_size:
+        micro = s.batch_size * s.block_size  # tokens per micro-batch
+        if s.total_batch_size % micro:
+            raise UserError(f"total_batch_size {s.total_batch_size:,} is not a multiple of batch_size x block_size "
+                            f"({s.batch_size} x {s.block_size} = {micro:,}): change one of them")
+        s = dataclasses.replace(s, gradient_accumulation_steps=s.total_batch_size // micro)
+    if s.rows_per_step % processes:
+        raise UserError(f"batch_size x gradient_accumulation_steps ({s.rows_per_step}) must be divisible by the "
+                        f"number of processes ({processes})")
+    return s
 
 
 def check_same_tokenizer(theirs, data, name: str) -> None:
@@ -324,6 +376,7 @@ class Run:
     best_val_loss: float = math.inf
     best_step: int = 0
     tokens_seen: int = 0
+    source_tokens: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # of a mixture's
     evaluated: bool = False  # resumed from a state saved right after this step's evaluation: not done again
     first_step: int = 0
     last_log: int = 0
@@ -344,11 +397,14 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         check_shared_out_dir(accelerator, s.out_dir)
     for note in notes:
         accelerator.print(note)
-    data = open_dataset(resolve_dataset(s, accelerator))
+    sources, streams = open_data(s, accelerator)
+    data = sources[0]  # of a mixture: the first source (they share one tokenizer)
     set_seed(s.seed)  # the same initial weights on every process
     model, s = build_model(s, state, data, explicit, accelerator.print)
-    check_compatible(data.meta, model.config.vocab_size, s.block_size,
-                     vocab_fix="train on a dataset prepared with the model's tokenizer")
+    s = derive_batch(s, accelerator.num_processes)
+    for d in sources:
+        check_compatible(d.meta, model.config.vocab_size, s.block_size,
+                         vocab_fix="train on a dataset prepared with the model's tokenizer")
     model.generation_config.eos_token_id = model.generation_config.bos_token_id = model.config.eos_token_id
     model.set_attn_implementation(training_attention(device_type, accelerator.mixed_precision))  # not saved
     prepared, optimizers = prepare_model(accelerator, model, configure_optimizers(model.train(), s, device_type))
@@ -358,7 +414,7 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     tokenizer = data.tokenizer()
     tokenizer.model_max_length = s.block_size  # tok(text, truncation=True) then gives what the model accepts
     run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizers,
-              {split: data.stream(split) for split in ("train", "val")}, tokenizer,
+              streams, tokenizer,
               Checkpointer(accelerator, s.out_dir, s.keep_states), record, {})
     if s.hellaswag:  # before training, so that a bad file is refused at once
         run.hellaswag = load_hellaswag(s.hellaswag, s.hellaswag_limit)
@@ -368,12 +424,19 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
     accelerator.print(f"model: {model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
                       f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
-                      f"compile {compiled}\ndata: {data.path} ({data.tokenizer_kind}, vocab {data.vocab_size}); "
+                      f"compile {compiled}\ndata: {describe(streams['train'], sources)} ({data.tokenizer_kind}, "
+                      f"vocab {data.vocab_size}); "
                       f"tokens per iteration: {s.tokens_per_step:,} = "
                       f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block")
     if not s.eval_only:
-        start_records(run, data)
+        start_records(run, sources)
     return run
+
+
+def describe(mix: Mixture, sources: list) -> str:  # "data/web" or "data/web x0.70 + data/code x0.30"
+    if len(sources) == 1:
+        return sources[0].path
+    return " + ".join(f"{d.path} x{w:.2f}" for d, w in zip(sources, mix.weights))
 
 
 def resume(run: Run, state: str, device_type: str) -> None:
@@ -386,6 +449,7 @@ def resume(run: Run, state: str, device_type: str) -> None:
     ts = read_trainer_state(state)
     run.step = run.first_step = run.last_log = ts["step"]
     run.best_val_loss, run.tokens_seen, run.evaluated = ts["best_val_loss"], ts["tokens_seen"], ts["evaluated"]
+    run.source_tokens.update(ts.get("source_tokens", {}))
     run.best_step = ts.get("best_step", run.step)  # states saved before best_step was recorded
     run.record = dict(settings={**run.record["settings"], "init_from": ts["settings"]["init_from"]},
                       recipes=ts["recipes"])
@@ -401,7 +465,7 @@ def resume(run: Run, state: str, device_type: str) -> None:
             "with the same batches, but dropout is drawn per process and device: not bit-exactly")
 
 
-def start_records(run: Run, data) -> None:
+def start_records(run: Run, sources: list) -> None:
     """Trackers, train_config.yaml, metrics.jsonl, the model card's facts and the Hub pusher."""
     s, main = run.s, run.accelerator.is_main_process
     settings = run.record["settings"]
@@ -420,7 +484,8 @@ def start_records(run: Run, data) -> None:
     paths = {f.name for f in dataclasses.fields(TrainSettings) if f.metadata["path"]}
     card = {k: public(v) if k in paths else v for k, v in settings.items()}  # published: no local paths
     init_from = card["init_from"]
-    run.card = {"settings": card, "dataset": public(data.meta.get("source")), "dataset_id": data.meta.get("hub_id"),
+    run.card = {"settings": card, "dataset": ", ".join(public(d.meta.get("source")) for d in sources),
+                "datasets": [d.meta["hub_id"] for d in sources if d.meta.get("hub_id")],
                 "repo_id": s.hub_model_id or None, "recipe": ", ".join(run.record["recipes"]) or None,
                 "base_model": init_from if init_from not in ("scratch", "resume") else None}
     run.peak = peak_flops(run.accelerator.device, run.accelerator.mixed_precision)
@@ -428,8 +493,11 @@ def start_records(run: Run, data) -> None:
 
 
 def public(value: str | None) -> str | None:
-    """A local path as the model card publishes it: its last name only (a Hub id, scratch or gpt2 as they are)."""
-    return os.path.basename(os.path.normpath(value)) if value and not is_hub_id(value) else value
+    """A local path (or a mixture's) as the model card publishes it: last names only (Hub ids, scratch or gpt2 as
+    they are)."""
+    if not value or is_hub_id(value):
+        return value
+    return ",".join(os.path.basename(os.path.normpath(part)) for part in value.split(","))
 
 
 def report(run: Run, event: dict, line: str, progress) -> None:
@@ -452,10 +520,14 @@ def evaluate(run: Run) -> dict:
 
 
 def eval_lines(m: dict) -> list[str]:
-    """The losses (with their perplexity), and HellaSwag's line as the harness reports it."""
+    """The losses (with their perplexity; a mixture's: weighted means, then each source's), and HellaSwag's line as
+    the harness reports it."""
     ppl = {k: perplexity([m[k]], [1]) for k in ("train", "val")}
     lines = [f"train loss {m['train']:.4f} (perplexity {ppl['train']:.2f}), val loss {m['val']:.4f} "
              f"(perplexity {ppl['val']:.2f})"]
+    if sources := [k.partition("/")[2] for k in m if k.startswith("val/")]:
+        lines.append("by source: " + ", ".join(f"{n} train {m['train/' + n]:.4f} val {m['val/' + n]:.4f}"
+                                               for n in sources))
     if m["hellaswag"]:
         hs = m["hellaswag"]
         lines.append(f"hellaswag: acc={hs['acc']:.4f} acc_norm={hs['acc_norm']:.4f} examples={hs['examples']}")
@@ -467,6 +539,9 @@ def report_eval(run: Run, m: dict, progress) -> None:
     event = {"type": "eval", "iter": run.step, "train_loss": m["train"], "val_loss": m["val"],
              "train_ppl": perplexity([m["train"]], [1]), "val_ppl": perplexity([m["val"]], [1]),
              "tokens": run.tokens_seen, **{f"hellaswag_{k}": v for k, v in (m["hellaswag"] or {}).items()}}
+    by_source = {k.replace("/", "_loss/"): v for k, v in m.items() if "/" in k}  # val_loss/NAME
+    if by_source:
+        event |= by_source | {f"tokens/{name}": run.source_tokens[name] for name in run.streams["train"].names}
     report(run, event, f"step {run.step}: " + ", ".join(eval_lines(m)), progress)
     if run.metrics is not None:
         plot_losses(run.metrics.path, os.path.join(run.s.out_dir, "loss.png"))
@@ -492,30 +567,33 @@ def save(run: Run, m: dict, progress) -> None:
 def save_state(run: Run, evaluated: bool) -> str:
     return run.ckpt.save_state({
         "step": run.step, "best_val_loss": run.best_val_loss, "best_step": run.best_step,
-        "tokens_seen": run.tokens_seen, "evaluated": evaluated,
+        "tokens_seen": run.tokens_seen, "source_tokens": dict(run.source_tokens), "evaluated": evaluated,
         **run.record, "world_size": run.accelerator.num_processes, "device_type": run.accelerator.device.type},
         run.raw.config, run.tokenizer)
 
 
-def log_step(run: Run, loss: torch.Tensor, lrs: list[float], progress) -> None:
-    """The log line: loss (the only per-log device sync), lr, time per step, tokens/s, MFU after 5 warm-up steps."""
+def log_step(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lrs: list[float], progress) -> None:
+    """The log line: loss and the gradient's norm (the only per-log device sync), lr, time per step, tokens/s, MFU
+    after 5 warm-up steps."""
     s, acc = run.s, run.accelerator
-    loss = acc.reduce(loss, reduction="mean").item()
+    loss, grad_norm = acc.reduce(loss, reduction="mean").item(), grad_norm.item()  # the norm: the same on every rank
     if not math.isfinite(loss):
         raise non_finite(loss, run.step, s.out_dir)
     now = time.perf_counter()
     dt = (now - run.t_log - run.paused) / (run.step - run.last_log)
     warm = run.last_log - run.first_step >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
     run.t_log, run.paused, run.last_log = now, 0.0, run.step
-    event = {"type": "train", "iter": run.step, "loss": loss, "lr": lrs[0], "ms_per_iter": dt * 1000,
-             "tokens_per_s": s.tokens_per_step / dt}
+    event = {"type": "train", "iter": run.step, "loss": loss, "grad_norm": grad_norm, "lr": lrs[0],
+             "ms_per_iter": dt * 1000, "tokens_per_s": s.tokens_per_step / dt}
     if len(lrs) > 1:  # Muon's, beside AdamW's
         event["muon_lr"] = lrs[1]
     if run.peak and warm:
         mfu = estimate_mfu(run.raw, s.rows_per_step // acc.num_processes, s.block_size, dt, run.peak)
         run.mfu = event["mfu"] = mfu if run.mfu < 0 else 0.9 * run.mfu + 0.1 * mfu
     mfu_text = f", mfu {run.mfu * 100:.2f}%" if run.mfu >= 0 else ""
-    report(run, event, f"iter {run.step}: loss {loss:.4f}, lr {lrs[0]:.2e}, time {dt * 1000:.2f}ms, "
+    clipped = " (clipped)" if 0 < s.grad_clip < grad_norm else ""
+    report(run, event, f"iter {run.step}: loss {loss:.4f}, norm {grad_norm:.2f}{clipped}, lr {lrs[0]:.2e}, "
+                       f"time {dt * 1000:.2f}ms, "
                        f"{s.tokens_per_step / dt:,.0f} tok/s{mfu_text}", progress)
     progress.set_postfix(loss=f"{loss:.4f}")
 
@@ -547,12 +625,13 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             lrs = learning_rates(s, run.step)
             batches = micro_batches(run.streams["train"], s, run.step, acc.process_index, acc.num_processes,
                                     acc.device)
-            loss = train_step(acc, run.model, run.optimizers, batches, lrs, s.grad_clip)
+            loss, grad_norm = train_step(acc, run.model, run.optimizers, batches, lrs, s.grad_clip)
+            run.source_tokens.update(run.streams["train"].tokens(s.seed, run.step, s.rows_per_step, s.block_size))
             run.step += 1
             run.tokens_seen += s.tokens_per_step
             progress.update(1)
             if run.step % s.log_interval == 0 or run.step == s.max_iters:
-                log_step(run, loss, lrs, progress)
+                log_step(run, loss, grad_norm, lrs, progress)
                 if acc.check_trigger():  # SIGINT/SIGTERM on any process, agreed at log steps
                     exit_code = stop_and_save(run, stop)
                     break

@@ -21,7 +21,7 @@ from nanogpt_hf.tokenization import char_tokenizer
 INFO = dict(
     repo_id="alice/shakespeare-char",
     dataset="shakespeare_char",
-    dataset_id="karpathy/tiny_shakespeare",
+    datasets=["karpathy/tiny_shakespeare"],
     license="mit",
     tags=["shakespeare"],
     recipe="recipes/shakespeare_char.yaml",
@@ -143,7 +143,7 @@ def test_card_metadata_names_hub_ids_not_local_paths(tmp_path):
     write_model_card(tmp_path / "m", {"dataset": str(tmp_path / "corpus.txt"), "base_model": str(tmp_path / "m")})
     data = ModelCard.load(tmp_path / "m" / "README.md").data.to_dict()
     assert "datasets" not in data and "base_model" not in data
-    write_model_card(tmp_path / "m", {"dataset": "Skylion007/openwebtext", "dataset_id": "Skylion007/openwebtext",
+    write_model_card(tmp_path / "m", {"dataset": "Skylion007/openwebtext", "datasets": ["Skylion007/openwebtext"],
                                       "base_model": "gpt2"})
     data = ModelCard.load(tmp_path / "m" / "README.md").data.to_dict()
     assert data["datasets"] == ["Skylion007/openwebtext"] and data["base_model"] == "gpt2"

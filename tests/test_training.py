@@ -203,9 +203,10 @@ def test_gradient_accumulation_4x3_equals_1x12(char_data):
         acc = Accelerator(cpu=True, mixed_precision="no")
         model, opt = acc.prepare(model, opt)
         micro = list(zip(x.chunk(chunks), y.chunk(chunks)))
-        loss = train_step(acc, model, [opt], micro, lrs=[1.0], grad_clip=1.0)
-        results.append((loss.item(), [p.detach().clone() for p in model.parameters()]))
+        loss, norm = train_step(acc, model, [opt], micro, lrs=[1.0], grad_clip=1.0)
+        results.append((loss.item(), [p.detach().clone() for p in model.parameters()], norm.item()))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    assert results[0][2] == pytest.approx(results[1][2], rel=1e-5)  # the same gradient, the same norm
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
 
