@@ -543,20 +543,25 @@ def parse_mixture(text: str) -> dict[str, float]:
 
 class Mixture:
     """One split of one or several prepared folders: each row of a batch comes from a source drawn by weight, a pure
-    function of (seed, step, row), so that any number of processes, and a resumed run, draw the same rows."""
+    function of (seed, step, micro-batch, row), so that any number of processes, and a resumed run, draw the same."""
 
     def __init__(self, streams: list[TokenStream], weights: list[float] = (1.0,), names: list[str] = ("",)):
         self.streams, self.names, self.salt = list(streams), list(names), streams[0].salt
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)  # (sources,)
+        self.cdf = np.append(np.cumsum(self.weights)[:-1], 1.0)  # (sources,), ending at exactly 1
+        self.lengths = np.array([len(st) for st in self.streams])  # (sources,) tokens
 
-    def sources(self, seed: int, step: int, rows: int) -> np.ndarray:
-        """(rows,) the source of each of the first `rows` rows of a step (fewer rows: a prefix of the same draw)."""
+    def draw(self, seed: int, step: int, index: int, batch_size: int, rng=None) -> np.ndarray:
+        """(batch_size,) the source of each row of micro-batch `index` of step `step` (one source: all 0)."""
         if len(self.streams) == 1:
-            return np.zeros(rows, dtype=np.int64)
-        return np.random.default_rng([seed, self.salt, 2, step]).choice(len(self.streams), size=rows, p=self.weights)
+            return np.zeros(batch_size, dtype=np.int64)
+        rng = rng or np.random.default_rng([seed, self.salt, 0, step, index])
+        return np.searchsorted(self.cdf, rng.random(batch_size), side="right")
 
-    def tokens(self, seed: int, step: int, rows: int, block_size: int) -> dict[str, int]:  # tokens per source
-        counts = np.bincount(self.sources(seed, step, rows), minlength=len(self.streams)) * block_size
+    def tokens(self, seed: int, step: int, micro_batches: int, batch_size: int, block_size: int) -> dict[str, int]:
+        """Tokens per source in the micro-batches 0..micro_batches-1 of a step."""
+        sources = [self.draw(seed, step, i, batch_size) for i in range(micro_batches)]
+        counts = np.bincount(np.concatenate(sources), minlength=len(self.streams)) * block_size
         return dict(zip(self.names, counts.tolist()))
 
 
@@ -578,9 +583,11 @@ def sample_batch(data: TokenStream | Mixture, *, seed: int, step: int, index: in
     """Random windows for micro-batch `index` of optimizer step `step` (index counts over all processes): the batch of
     (seed, step, index) is the same whichever process draws it, so any process count sees the same data."""
     mix = data if isinstance(data, Mixture) else Mixture([data])
-    streams = [mix.streams[k] for k in mix.sources(seed, step, (index + 1) * batch_size)[index * batch_size:]]
     rng = np.random.default_rng([seed, mix.salt, 0, step, index])  # 0: training, 1: evaluation draws
-    return _xy(streams, block_size, rng.integers(0, [_room(st, block_size) for st in streams]))  # nanoGPT's get_batch
+    sources = mix.draw(seed, step, index, batch_size, rng)  # (B,), then a start in each row's source
+    rooms = [_room(st, block_size) for st in mix.streams]
+    starts = rng.integers(0, np.take(rooms, sources))  # nanoGPT's get_batch, within the source
+    return _xy([mix.streams[k] for k in sources], block_size, starts)
 
 
 def eval_batch(stream: TokenStream, *, seed: int, k: int, batch_size: int, block_size: int):

@@ -31,7 +31,8 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
-    """Train (per logged step) and train/val (per evaluation) losses against the step; HellaSwag beside, when set."""
+    """Train (per logged step) and train/val (per evaluation; a mixture's: each source's val too) losses against the
+    step; HellaSwag beside, when set."""
     from matplotlib.figure import Figure  # not pyplot: no figure registry, no backend switch in a notebook's process
 
     events = read_metrics(metrics_path)
@@ -45,6 +46,9 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     for key, color in (("train_loss", "tab:blue"), ("val_loss", "tab:orange")):
         ax.plot([e["iter"] for e in evals], [e[key] for e in evals], "o-", color=color, ms=3,
                 label=f"{key.split('_')[0]} (eval)")
+    for key in dict.fromkeys(k for e in evals for k in e if k.startswith("val_loss/")):  # a mixture's sources
+        shown = [e for e in evals if key in e]
+        ax.plot([e["iter"] for e in shown], [e[key] for e in shown], "--", ms=2, label=f"val: {key[9:]}")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
     if scored:
         for key in ("hellaswag_acc", "hellaswag_acc_norm"):

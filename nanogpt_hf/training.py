@@ -626,7 +626,8 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
             batches = micro_batches(run.streams["train"], s, run.step, acc.process_index, acc.num_processes,
                                     acc.device)
             loss, grad_norm = train_step(acc, run.model, run.optimizers, batches, lrs, s.grad_clip)
-            run.source_tokens.update(run.streams["train"].tokens(s.seed, run.step, s.rows_per_step, s.block_size))
+            run.source_tokens.update(run.streams["train"].tokens(s.seed, run.step, s.gradient_accumulation_steps,
+                                                                 s.batch_size, s.block_size))
             run.step += 1
             run.tokens_seen += s.tokens_per_step
             progress.update(1)

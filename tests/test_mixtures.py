@@ -73,7 +73,7 @@ def test_mixture_rows_follow_the_weights_and_are_the_same_for_any_process_count(
         assert torch.equal(x1, x2)  # 1 and 2 processes: the same rows, in the same order
         for row in x1:
             counts[source_of(row, {k: texts[k] for k in counts}, itos)] += 1
-        for k, n in mix.tokens(s.seed, step, s.rows_per_step, s.block_size).items():
+        for k, n in mix.tokens(s.seed, step, G, s.batch_size, s.block_size).items():
             tokens[k] += n
     rows = sum(counts.values())  # 960: a share of 0.8 has a standard deviation of 0.013
     assert abs(counts["plays"] / rows - 0.8) < 0.05 and counts["mirror"] > 0
