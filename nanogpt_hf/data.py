@@ -549,7 +549,6 @@ class Mixture:
         self.streams, self.names, self.salt = list(streams), list(names), streams[0].salt
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)  # (sources,)
         self.cdf = np.append(np.cumsum(self.weights)[:-1], 1.0)  # (sources,), ending at exactly 1
-        self.lengths = np.array([len(st) for st in self.streams])  # (sources,) tokens
 
     def draw(self, seed: int, step: int, index: int, batch_size: int, rng=None) -> np.ndarray:
         """(batch_size,) the source of each row of micro-batch `index` of step `step` (one source: all 0)."""
