@@ -71,7 +71,8 @@ class PrepareSettings:
     tokenizer_sample: int = setting(
         1_000_000_000, "bpe: train on the first this many characters of the (train) documents; memory stays bounded "
         "on a stream or a large corpus (nanochat: 2e9)", range="[1, inf)")
-    out: str = setting("", "output folder; empty: data/<source name> (+ '_char' for the char tokenizer)", path=True)
+    out: str = setting("", "output folder; empty: data/<source name> (+ _char, _bpe or _<--tokenizer's folder name>)",
+                       path=True)
     text_column: str = setting("text", "column holding the text (.jsonl/.json/.parquet and Hub datasets)")
     split: str = setting("", "the one split to prepare (val by val_split); empty: the source's own train and "
                          "validation (else test) splits where it has them (a Hub dataset: all its splits are read)")
@@ -343,23 +344,29 @@ def tokenizing(cfg: PrepareSettings, parts) -> tuple:
                               cfg.split_pattern)
     else:
         tokenizer = gpt2_tokenizer() if cfg.tokenizer == "gpt2" else reused_tokenizer(cfg.tokenizer)
-    if tokenizer_kind(tokenizer) == "gpt2":  # tiktoken: GPT-2's ids, faster
+    if (kind := tokenizer_kind(tokenizer)) == "char":  # a reused character vocabulary
+        return char_tokenizing(cfg, parts, tokenizer.get_vocab())
+    if kind == "gpt2":  # tiktoken: GPT-2's ids, faster
         return tokenizer, {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
     return tokenizer, {"column": cfg.text_column, "dtype": "uint16" if len(tokenizer) <= 1 << 16 else "uint32",
                        "tokenizer": tokenizer.backend_tokenizer.to_str(), "eot": tokenizer.eos_token_id}
 
 
-def char_tokenizing(cfg: PrepareSettings, parts) -> tuple:
-    """tokenizing() for char: the vocabulary is the corpus's characters, encoded by a code point -> id table."""
+def char_tokenizing(cfg: PrepareSettings, parts, stoi: dict[str, int] | None = None) -> tuple:
+    """tokenizing() for char: the vocabulary is the corpus's characters (or `stoi`, a reused one that must hold them
+    all), encoded by a code point -> id table."""
     chars: set[str] = set()
     batches = itertools.chain.from_iterable(d.with_format("arrow").iter(batch_size=MAP_BATCH) for d in parts)
     for batch in tqdm(batches, desc="Collecting characters", unit="batch", disable=None):
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
-    stoi = {c: i for i, c in enumerate(sorted(chars))}
-    lut = np.zeros(ord(max(chars)) + 1, dtype=np.uint32)  # code point -> index in sorted(set(corpus))
-    lut[[ord(c) for c in stoi]] = np.arange(len(stoi), dtype=np.uint32)
+    if stoi is not None and (unknown := chars - stoi.keys()):
+        raise UserError(f"character {min(unknown)!r} of the corpus is not in the vocabulary of {cfg.tokenizer}; "
+                        "prepare with --tokenizer=char (or with a vocabulary that holds it)")
+    stoi = stoi or {c: i for i, c in enumerate(sorted(chars))}
+    lut = np.zeros(ord(max(stoi)) + 1, dtype=np.uint32)  # code point -> id (index in sorted(set(corpus)))
+    lut[[ord(c) for c in stoi]] = np.fromiter(stoi.values(), dtype=np.uint32, count=len(stoi))
     dtype = "uint16" if len(stoi) <= 1 << 16 else "uint32"
     return char_tokenizer_from_stoi(stoi), {"column": cfg.text_column, "dtype": dtype, "lut": lut}
 

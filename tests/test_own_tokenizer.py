@@ -130,3 +130,16 @@ def test_training_on_a_trained_tokenizer_samples_and_finetunes_only_on_its_vocab
         AcceleratorState._reset_state(reset_partial_state=True)
         with pytest.raises(UserError, match=f"{problem}.*: prepare the dataset with --tokenizer={tmp_path / 'base'}"):
             train(tiny(data, tmp_path / "ft2", init_from=str(tmp_path / "base")))
+
+
+def test_a_reused_character_vocabulary_encodes_as_its_own_and_refuses_unknown_characters(char_data, tmp_path):
+    (tmp_path / "known.txt").write_text("To be, or not to be: that is the question.\n" * 20)
+    out = prepare(PrepareSettings(source=str(tmp_path / "known.txt"), tokenizer=char_data, out=str(tmp_path / "k")))
+    tok, data = AutoTokenizer.from_pretrained(char_data), open_dataset(out)
+    assert data.tokenizer_kind == "char" and same_vocabulary(tok, data.tokenizer())
+    got = [i for split in ("train", "val") for row in datasets.load_from_disk(os.path.join(out, split))["ids"]
+           for i in row]
+    assert got == tok((tmp_path / "known.txt").read_text())["input_ids"]  # no separator: the text's characters
+    (tmp_path / "odd.txt").write_text("the question is 🤗\n" * 20)
+    with pytest.raises(UserError, match="'🤗' of the corpus is not in the vocabulary"):
+        prepare(PrepareSettings(source=str(tmp_path / "odd.txt"), tokenizer=char_data, out=str(tmp_path / "o")))
