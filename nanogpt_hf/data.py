@@ -578,6 +578,10 @@ class PreparedData:
         self.path, self.meta = path, read_meta(path)
         self.vocab_size, self.tokenizer_kind = int(self.meta["vocab_size"]), self.meta["tokenizer"]
 
+    @property
+    def model_vocab_size(self) -> int:  # a BPE's padded to a multiple of 64 (nanoGPT's 50257 -> 50304), char's as is
+        return self.vocab_size if self.tokenizer_kind == "char" else -(-self.vocab_size // 64) * 64
+
     def stream(self, split: str) -> TokenStream:
         return TokenStream(self.path, split)
 

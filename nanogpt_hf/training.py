@@ -273,10 +273,10 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) 
     from transformers import AutoTokenizer
 
     if s.init_from == "scratch":
-        eot, vocab = data.meta["eot_token"], data.vocab_size  # a BPE's padded to a multiple of 64 (50257 -> 50304)
+        eot = data.meta["eot_token"]
         return NanoGPTForCausalLM(NanoGPTConfig(
-            **{k: getattr(s, k) for k in ARCHITECTURE}, vocab_size=vocab if data.tokenizer_kind == "char" else
-            -(-vocab // 64) * 64, dropout=s.dropout, bos_token_id=eot, eos_token_id=eot)), s
+            **{k: getattr(s, k) for k in ARCHITECTURE}, vocab_size=data.model_vocab_size, dropout=s.dropout,
+            bos_token_id=eot, eos_token_id=eot)), s
     if s.init_from == "resume":
         check_same_tokenizer(AutoTokenizer.from_pretrained(state), data, f"the run in {s.out_dir}", state)
         model = NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout))
