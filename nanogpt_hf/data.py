@@ -69,8 +69,8 @@ class PrepareSettings:
         "gpt4", "bpe: the regex splitting text into words before merging: gpt4 (nanochat's GPT-4 style: numbers in "
         "groups of 1-2, line breaks apart) or gpt2 (GPT-2's)")
     tokenizer_sample: int = setting(
-        1_000_000_000, "bpe: train on the first this many characters of the (train) documents; memory stays bounded "
-        "on a stream or a large corpus (nanochat: 2e9)", range="[1, inf)")
+        250_000_000, "bpe: train on the first this many characters of the (train) documents, so time and memory stay "
+        "bounded on a stream or a large corpus (nanochat's speedrun: 2e9)", range="[1, inf)")
     out: str = setting("", "output folder; empty: data/<source name> (+ _char, _bpe or _<--tokenizer's folder name>)",
                        path=True)
     text_column: str = setting("text", "column holding the text (.jsonl/.json/.parquet and Hub datasets)")
@@ -530,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
         epilog="examples:\n"
         "  python prepare.py --tokenizer=char                    # embedded Shakespeare -> data/shakespeare_char\n"
         "  python prepare.py my_texts/ --out=data/mine           # every .txt/.jsonl/.json/.parquet under my_texts/\n"
+        "  python prepare.py my_texts/ --tokenizer=bpe --vocab_size=8192  # train a BPE on it -> data/my_texts_bpe\n"
+        "  python prepare.py more/ --tokenizer=data/my_texts_bpe  # encode another corpus with that vocabulary\n"
         "  python prepare.py Skylion007/openwebtext --num_proc=8  # a Hub dataset (needs the network)")
     prepare(cfg)
 
