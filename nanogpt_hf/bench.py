@@ -62,9 +62,8 @@ class BenchSettings:
 
 
 def resolve(s: BenchSettings, device_type: str) -> BenchSettings:  # unset (None) settings: the device's defaults
-    if s.data and s.vocab_size is None:  # the dataset's vocabulary (nanoGPT pads GPT-2's 50257 to 50304)
-        vocab = open_dataset(s.data).vocab_size
-        s = dataclasses.replace(s, vocab_size=50304 if vocab == 50257 else vocab)
+    if s.data and s.vocab_size is None:  # the dataset's vocabulary (a BPE's padded as nanoGPT pads 50257 to 50304)
+        s = dataclasses.replace(s, vocab_size=open_dataset(s.data).model_vocab_size)
     gpu = device_type == "cuda"  # generate: the shakespeare_char model
     defaults = dict(GPU_DEFAULTS if gpu and s.mode != "generate" else CPU_DEFAULTS, warmup=10 if gpu else 2,
                     iters=20 if gpu else 5, compile=hardware.compile_by_default(device_type))

@@ -1,11 +1,13 @@
 """Prepare a corpus into Arrow token datasets, and sample nanoGPT training windows from them.
 
-    python prepare.py [SOURCE] --tokenizer=gpt2|char --out=DIR
+    python prepare.py [SOURCE] --tokenizer=gpt2|char|bpe|DIR --out=DIR
     corpus --load_dataset--> documents --map(num_proc)--> ids per document --train/val split--> DIR/
 
 GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's openwebtext); char: ids into
-sorted(set(corpus)) (shakespeare_char). val: the corpus's own validation (else test) split where it has one, else
-the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of the documents, seed 2357 (openwebtext)."""
+sorted(set(corpus)) (shakespeare_char); bpe: a byte-level BPE trained on the corpus, then its ids and <|endoftext|>;
+DIR: the tokenizer of a prepared dataset, model folder or Hub id, and its eos token. val: the corpus's own validation
+(else test) split where it has one, else the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of
+the documents, seed 2357 (openwebtext)."""
 
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from tqdm.auto import tqdm
 
 from .common import UserError, atomic_output, first_line, is_hub_id, remove
 from .settings import parse_command, setting, validate
-from .tokenization import GPT2_EOT, char_tokenizer_from_stoi, gpt2_encoding, gpt2_tokenizer, load_tokenizer
+from .tokenization import (GPT2_EOT, char_tokenizer_from_stoi, gpt2_encoding, gpt2_tokenizer,
+                           load_tokenizer, tokenizer_kind, train_bpe)
 
 META_FILE, META_FORMAT, META_VERSION = "meta.json", "nanogpt_hf.prepared", 1
 EMBEDDED = "shakespeare"
@@ -57,9 +60,20 @@ logging.getLogger("datasets.packaged_modules").setLevel(logging.ERROR + 1)  # a 
 class PrepareSettings:
     source: str = setting(EMBEDDED, "'shakespeare' (the embedded corpus), a .txt/.jsonl/.json/.parquet file, folder or "
                           "glob, or a Hub id", path=True)
-    tokenizer: Literal["gpt2", "char"] = setting(
-        "gpt2", "gpt2 (tiktoken BPE, EOT 50256 after each document) or char (vocabulary = the corpus's characters)")
-    out: str = setting("", "output folder; empty: data/<source name> (+ '_char' for the char tokenizer)", path=True)
+    tokenizer: str = setting(  # a name, or where a tokenizer.json is: not one of fixed choices
+        "gpt2", "gpt2 (tiktoken BPE, EOT 50256 after each document) | char (vocabulary = the corpus's characters) | "
+        "bpe (a byte-level BPE trained on the corpus, <|endoftext|> after each document) | a prepared dataset, model "
+        "folder or Hub id whose tokenizer encodes this corpus too (one vocabulary for several corpora)", path=True)
+    vocab_size: int = setting(32768, "bpe: tokens in the vocabulary, with its 256 bytes and 10 special tokens "
+                              "(<|endoftext|> and nanochat's chat tokens); nanochat's 2**15", range="[266, inf)")
+    split_pattern: Literal["gpt4", "gpt2"] = setting(
+        "gpt4", "bpe: the regex splitting text into words before merging: gpt4 (nanochat's GPT-4 style: numbers in "
+        "groups of 1-2, line breaks apart) or gpt2 (GPT-2's)")
+    tokenizer_sample: int = setting(
+        250_000_000, "bpe: train on the first this many characters of the (train) documents, so time and memory stay "
+        "bounded on a stream or a large corpus (nanochat's speedrun: 2e9)", range="[1, inf)")
+    out: str = setting("", "output folder; empty: data/<source name> (+ _char, _bpe or _<--tokenizer's folder name>)",
+                       path=True)
     text_column: str = setting("text", "column holding the text (.jsonl/.json/.parquet and Hub datasets)")
     split: str = setting("", "the one split to prepare (val by val_split); empty: the source's own train and "
                          "validation (else test) splits where it has them (a Hub dataset: all its splits are read)")
@@ -269,32 +283,91 @@ def list_table(lengths: list[int], values):  # a row of ids per document; int64 
     return pa.table({"ids": pa.LargeListArray.from_arrays(np.cumsum([0, *lengths], dtype=np.int64), values)})
 
 
-def tokenize_batch(batch, column: str, dtype: str, lut: np.ndarray | None = None, num_threads: int = 1):
-    """Arrow batch of texts -> ids: encode_ordinary + EOT (nanoGPT's process()), or by `lut` (code point -> id)."""
+@functools.lru_cache(maxsize=2)
+def _backend(tokenizer_json: str):  # parsed once per process (datasets' map workers are sent the JSON text)
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    backend.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, as in encode_ordinary
+    return backend
+
+
+def tokenize_batch(batch, column: str, dtype: str, lut: np.ndarray | None = None, num_threads: int = 1,
+                   tokenizer: str | None = None, eot: int | None = GPT2_EOT):
+    """Arrow batch of texts -> ids: encode_ordinary + EOT (nanoGPT's process()), or by `lut` (code point -> id), or
+    by a tokenizer.json's text (Rust threads) + its `eot`."""
     texts = _texts(batch, column)
     if lut is not None:
         codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
         return list_table([len(t) for t in texts], lut[codepoints].astype(dtype))
-    docs = gpt2_encoding().encode_ordinary_batch(texts, num_threads=num_threads)
-    for ids in docs:
-        ids.append(GPT2_EOT)  # after each document
+    if tokenizer is None:
+        docs = gpt2_encoding().encode_ordinary_batch(texts, num_threads=num_threads)
+    else:
+        docs = [e.ids for e in _backend(tokenizer).encode_batch_fast(texts, add_special_tokens=False)]
+    for ids in docs if eot is not None else ():
+        ids.append(eot)  # after each document
     lengths = [len(ids) for ids in docs]
     return list_table(lengths, np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=sum(lengths)))
 
 
+def text_sample(ds, column: str, chars: int) -> Iterator[list[str]]:
+    """The first `chars` characters of the documents of `ds`, a batch of documents at a time (the last one cut)."""
+    for batch in ds.with_format("arrow").iter(batch_size=MAP_BATCH):
+        texts = []
+        for text in _texts(batch, column):
+            texts.append(text[:chars])
+            if (chars := chars - len(texts[-1])) == 0:
+                break
+        yield texts
+        if chars == 0:
+            return
+
+
+def reused_tokenizer(name: str):
+    """--tokenizer=DIR: the tokenizer of a prepared dataset or model folder (its tokenizer.json), or of a Hub id."""
+    if os.path.isdir(name):
+        return load_tokenizer(name)
+    if not is_hub_id(name):
+        raise UserError(f"--tokenizer={name}: not gpt2, char or bpe, nor a folder holding a tokenizer.json, nor a Hub "
+                        "id; pass one of those")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
 def tokenizing(cfg: PrepareSettings, parts) -> tuple:
-    """(the transformers tokenizer, tokenize_batch's kwargs); char: one pass over the text for its vocabulary."""
-    if cfg.tokenizer == "gpt2":
-        return gpt2_tokenizer(), {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
+    """(the transformers tokenizer, tokenize_batch's kwargs); char: one pass over the text for its vocabulary; bpe:
+    one over the first tokenizer_sample characters of the first (train) split to train it."""
+    if cfg.tokenizer == "char":
+        return char_tokenizing(cfg, parts)
+    if cfg.tokenizer == "bpe":
+        tokenizer = train_bpe(text_sample(next(iter(parts)), cfg.text_column, cfg.tokenizer_sample), cfg.vocab_size,
+                              cfg.split_pattern)
+    else:
+        tokenizer = gpt2_tokenizer() if cfg.tokenizer == "gpt2" else reused_tokenizer(cfg.tokenizer)
+    if (kind := tokenizer_kind(tokenizer)) == "char":  # a reused character vocabulary
+        return char_tokenizing(cfg, parts, tokenizer.get_vocab())
+    if kind == "gpt2":  # tiktoken: GPT-2's ids, faster
+        return tokenizer, {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
+    return tokenizer, {"column": cfg.text_column, "dtype": "uint16" if len(tokenizer) <= 1 << 16 else "uint32",
+                       "tokenizer": tokenizer.backend_tokenizer.to_str(), "eot": tokenizer.eos_token_id}
+
+
+def char_tokenizing(cfg: PrepareSettings, parts, stoi: dict[str, int] | None = None) -> tuple:
+    """tokenizing() for char: the vocabulary is the corpus's characters (or `stoi`, a reused one that must hold them
+    all), encoded by a code point -> id table."""
     chars: set[str] = set()
     batches = itertools.chain.from_iterable(d.with_format("arrow").iter(batch_size=MAP_BATCH) for d in parts)
     for batch in tqdm(batches, desc="Collecting characters", unit="batch", disable=None):
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
-    stoi = {c: i for i, c in enumerate(sorted(chars))}
-    lut = np.zeros(ord(max(chars)) + 1, dtype=np.uint32)  # code point -> index in sorted(set(corpus))
-    lut[[ord(c) for c in stoi]] = np.arange(len(stoi), dtype=np.uint32)
+    if stoi is not None and (unknown := chars - stoi.keys()):
+        raise UserError(f"character {min(unknown)!r} of the corpus is not in the vocabulary of {cfg.tokenizer}; "
+                        "prepare with --tokenizer=char (or with a vocabulary that holds it)")
+    stoi = stoi or {c: i for i, c in enumerate(sorted(chars))}
+    lut = np.zeros(ord(max(stoi)) + 1, dtype=np.uint32)  # code point -> id (index in sorted(set(corpus)))
+    lut[[ord(c) for c in stoi]] = np.fromiter(stoi.values(), dtype=np.uint32, count=len(stoi))
     dtype = "uint16" if len(stoi) <= 1 << 16 else "uint32"
     return char_tokenizer_from_stoi(stoi), {"column": cfg.text_column, "dtype": dtype, "lut": lut}
 
@@ -305,7 +378,7 @@ def ids_features(dtype: str):
 
 def tokenize(ds, cfg: PrepareSettings, kwargs: dict, name: str, cache_dir: str):
     """Dataset of texts -> Dataset of ids, in num_proc processes (0: one per core, at most 8, above 32 MB of text)."""
-    auto = min(os.cpu_count() or 1, 8) if ds.data.nbytes > 32 * 2**20 else 1
+    auto = min(os.cpu_count() or 1, 8) if ds.data.nbytes > 32 * 2**20 and "tokenizer" not in kwargs else 1  # Rust
     num_proc = max(1, min(cfg.num_proc or auto, ds.num_rows))
     if "num_threads" in kwargs:  # tiktoken releases the GIL: its threads use the cores the processes leave
         kwargs = {**kwargs, "num_threads": max(1, (os.cpu_count() or 1) // num_proc)}
@@ -391,11 +464,14 @@ def save_splits(splits: dict, folder: str) -> None:
 
 
 def default_out(cfg: PrepareSettings) -> str:
-    """data/<name> (+ _char): a file's stem, a folder's or a glob's folder name, a Hub id with _ for /."""
+    """data/<name> (+ _char, _bpe or _<--tokenizer's folder name>): a file's stem, a folder's or a glob's folder name,
+    a Hub id with _ for /."""
     path = os.path.expanduser(WILDCARD.split(cfg.source)[0]) or "corpus"
     name = cfg.source.replace("/", "_") if is_hub_id(cfg.source) else os.path.basename(os.path.abspath(path))
     name = os.path.splitext(name)[0] if os.path.isfile(path) else name  # abspath above: '.' gets the folder's name
-    return cfg.out or os.path.join("data", name + ("_char" if cfg.tokenizer == "char" else ""))
+    reused = "_" + os.path.basename(os.path.normpath(cfg.tokenizer))
+    suffix = {"gpt2": "", "char": "_char", "bpe": "_bpe"}.get(cfg.tokenizer, reused)
+    return cfg.out or os.path.join("data", name + suffix)
 
 
 def prepare(cfg: PrepareSettings) -> str:
@@ -411,7 +487,9 @@ def prepare(cfg: PrepareSettings) -> str:
         raise UserError(f"output '{out}' exists and is not a prepared dataset; choose another --out or empty it")
     # up to date: the same token settings and files (path, size, mtime, as make); a Hub dataset is prepared again
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "num_proc", "force")}
-    inputs = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files or []]
+    used = os.path.join(cfg.tokenizer, "tokenizer.json")  # --tokenizer=DIR: an input too
+    inputs = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+              for f in (files or []) + [used] * os.path.isfile(used)]
     key = files and hashlib.sha256(json.dumps([META_VERSION, settings, inputs]).encode()).hexdigest()[:16]
     if key and not cfg.force and (prepared_meta(out) or {}).get("fingerprint") == key:
         print(f"{out} is up to date; nothing to do (--force prepares it again)")
@@ -433,10 +511,10 @@ def prepare(cfg: PrepareSettings) -> str:
         remove(cache)
         tokenizer.save_pretrained(tmp)
         stats = {k: {"documents": d.num_rows, "tokens": int(row_lengths(d).sum())} for k, d in splits.items()}
-        meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": cfg.tokenizer, "splits": stats,
+        meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": tokenizer_kind(tokenizer), "splits": stats,
                 "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype,
                 "source": cfg.source, "hub_id": None if files else cfg.source, "fingerprint": key, "val_split": rule,
-                "eot_token": GPT2_EOT if cfg.tokenizer == "gpt2" else None, "settings": dataclasses.asdict(cfg),
+                "eot_token": tokenizer.eos_token_id, "settings": dataclasses.asdict(cfg),
                 "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2)
@@ -453,6 +531,8 @@ def main(argv: list[str] | None = None) -> None:
         epilog="examples:\n"
         "  python prepare.py --tokenizer=char                    # embedded Shakespeare -> data/shakespeare_char\n"
         "  python prepare.py my_texts/ --out=data/mine           # every .txt/.jsonl/.json/.parquet under my_texts/\n"
+        "  python prepare.py my_texts/ --tokenizer=bpe --vocab_size=8192  # train a BPE on it -> data/my_texts_bpe\n"
+        "  python prepare.py more/ --tokenizer=data/my_texts_bpe  # encode another corpus with that vocabulary\n"
         "  python prepare.py Skylion007/openwebtext --num_proc=8  # a Hub dataset (needs the network)")
     prepare(cfg)
 
@@ -500,6 +580,10 @@ class PreparedData:
     def __init__(self, path: str):
         self.path, self.meta = path, read_meta(path)
         self.vocab_size, self.tokenizer_kind = int(self.meta["vocab_size"]), self.meta["tokenizer"]
+
+    @property
+    def model_vocab_size(self) -> int:  # a BPE's padded to a multiple of 64 (nanoGPT's 50257 -> 50304), char's as is
+        return self.vocab_size if self.tokenizer_kind == "char" else -(-self.vocab_size // 64) * 64
 
     def stream(self, split: str) -> TokenStream:
         return TokenStream(self.path, split)

@@ -2,14 +2,15 @@
 
 GPT-2: the r50k ranks ship in assets/ (sha256-checked); data is prepared with tiktoken's encode_ordinary, as nanoGPT
 (only the EOT after each document is 50256); gpt2_tokenizer() maps a literal "<|endoftext|>" to 50256, as HF's gpt2.
-Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1."""
+Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1.
+Trained: a byte-level BPE on your corpus (nanochat's HF tokenizers recipe), ids 0..9 its special tokens."""
 
 import functools
 import os
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -22,6 +23,13 @@ GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 GPT2_EOT = 50256
 GPT2_EOT_TEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
+SPLIT_PATTERNS = {  # the regex that cuts text into words before BPE: GPT-2's, or nanochat's GPT-4 style (cl100k with
+    "gpt2": GPT2_PAT_STR,  # digits in groups of 1-2, line breaks kept apart from words)
+    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]"""
+            r"""|\s+(?!\S)|\s+""",
+}
+CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",  # nanochat's,
+               "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")  # for chat finetuning
 
 
 @functools.cache
@@ -63,6 +71,25 @@ def char_tokenizer(text: str) -> PreTrainedTokenizerFast:  # over sorted(set(tex
     return char_tokenizer_from_stoi({c: i for i, c in enumerate(sorted(set(text)))})
 
 
+def train_bpe(texts, vocab_size: int, split_pattern: str = "gpt4") -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` (an iterator of strings or lists of them): the 256 bytes are tokens, so any
+    text encodes and decodes back byte for byte; <|endoftext|> (id 0, bos = eos) and CHAT_TOKENS come first."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([  # the split regex, then bytes as printable characters
+        pre_tokenizers.Split(Regex(SPLIT_PATTERNS[split_pattern]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=0, show_progress=False, special_tokens=[GPT2_EOT_TEXT, *CHAT_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOT_TEXT, eos_token=GPT2_EOT_TEXT,
+                                   clean_up_tokenization_spaces=False)
+
+
+def same_vocabulary(a, b) -> bool:  # the same token -> id map: the same ids mean the same text
+    return a.get_vocab() == b.get_vocab()
+
+
 def is_char_tokenizer(tok) -> bool:  # a WordLevel vocabulary of characters
     return isinstance(getattr(getattr(tok, "backend_tokenizer", None), "model", None), models.WordLevel)
 
@@ -79,19 +106,18 @@ def check_known_chars(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
 
 
 def tokenizer_kind(tok) -> str:
-    """"char" (a WordLevel vocabulary of characters) or "gpt2" (50257 tokens, <|endoftext|> = 50256)."""
+    """"char" (a WordLevel vocabulary of characters), "gpt2" (50257 tokens, <|endoftext|> = 50256), else the model
+    of its tokenizer.json in lower case ("bpe" for a trained one, "unigram", "wordpiece")."""
     if is_char_tokenizer(tok):
         return "char"
     if len(tok) == GPT2_VOCAB_SIZE and tok.convert_tokens_to_ids(GPT2_EOT_TEXT) == GPT2_EOT:
         return "gpt2"
-    raise UserError(f"unknown tokenizer {type(tok).__name__} with {len(tok)} tokens; expected GPT-2 BPE or char")
+    if (model := getattr(getattr(tok, "backend_tokenizer", None), "model", None)) is None:
+        raise UserError(f"tokenizer {type(tok).__name__} has no tokenizer.json (a slow tokenizer); use a fast one")
+    return type(model).__name__.lower()
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:  # of a local folder saved with save_pretrained
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise UserError(f"'{path}' holds no tokenizer.json: pass a folder saved with save_pretrained")
     return AutoTokenizer.from_pretrained(path)
-
-
-def same_vocabulary(a, b) -> bool:  # the same ids mean the same tokens
-    return a.get_vocab() == b.get_vocab()

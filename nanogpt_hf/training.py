@@ -301,19 +301,19 @@ def derive_batch(s: TrainSettings, processes: int) -> TrainSettings:
     return s
 
 
-def check_same_tokenizer(theirs, data, name: str) -> None:
-    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean."""
-    from .tokenization import tokenizer_kind
+def check_same_tokenizer(theirs, data, name: str, folder: str) -> None:
+    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (the same vocabulary)."""
+    from .tokenization import same_vocabulary, tokenizer_kind
 
-    if theirs is None:  # a checkpoint saved without its tokenizer: nothing to compare
+    if theirs is None or same_vocabulary(theirs, data.tokenizer()):  # saved without its tokenizer: nothing to compare
         return
     kind = tokenizer_kind(theirs)
+    fix = f"prepare the dataset with --tokenizer={'gpt2' if kind == 'gpt2' else folder}"
     if kind != data.tokenizer_kind:
         raise UserError(f"{name} uses the {kind} tokenizer but dataset {data.path} was prepared with "
-                        f"{data.tokenizer_kind}: prepare it with --tokenizer={kind}")
-    if kind == "char" and theirs.get_vocab() != data.tokenizer().get_vocab():
-        raise UserError(f"{name} and dataset {data.path} have different character vocabularies (the same ids would "
-                        "mean other characters): train on a dataset prepared from the same characters")
+                        f"{data.tokenizer_kind}: {fix}")
+    raise UserError(f"{name} and dataset {data.path} have different {kind} vocabularies ({len(theirs)} and "
+                    f"{data.vocab_size} tokens; the same ids would mean other text): {fix}")
 
 
 def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) -> tuple[NanoGPTForCausalLM,
@@ -325,17 +325,16 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) 
     from transformers import AutoTokenizer
 
     if s.init_from == "scratch":
-        gpt2 = data.tokenizer_kind == "gpt2"  # nanoGPT's 50304: 50257 padded to a multiple of 64
-        eot = 50256 if gpt2 else None
+        eot = data.meta["eot_token"]
         return NanoGPTForCausalLM(NanoGPTConfig(
-            **{k: getattr(s, k) for k in ARCHITECTURE}, vocab_size=max(data.vocab_size, 50304 if gpt2 else 0),
-            dropout=s.dropout, bos_token_id=eot, eos_token_id=eot)), s
+            **{k: getattr(s, k) for k in ARCHITECTURE}, vocab_size=data.model_vocab_size, dropout=s.dropout,
+            bos_token_id=eot, eos_token_id=eot)), s
     if s.init_from == "resume":
-        check_same_tokenizer(AutoTokenizer.from_pretrained(state), data, f"the run in {s.out_dir}")
+        check_same_tokenizer(AutoTokenizer.from_pretrained(state), data, f"the run in {s.out_dir}", state)
         model = NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout))
     else:
         model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
-        check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'")
+        check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'", s.init_from)
         block_size = explicit.get("block_size", model.config.block_size)
         if block_size > model.config.block_size:
             raise UserError(f"block_size {block_size} is larger than the checkpoint's {model.config.block_size}: "

@@ -699,7 +699,7 @@ def bad_inputs(w, char):
         "prepare: empty corpus": (prepare_main, [f"{w}/empty.txt", f"--out={w}/p"], "empty"),
         "prepare: one-character corpus": (prepare_main, [f"{w}/one.txt", "--tokenizer=char", f"--out={w}/p"],
                                           "too small"),
-        "prepare: bad tokenizer": (prepare_main, ["--tokenizer=bpe", f"--out={w}/p"], "tokenizer"),
+        "prepare: bad tokenizer": (prepare_main, ["--tokenizer=./no_such_tokenizer", f"--out={w}/p"], "tokenizer"),
         "prepare: val_fraction out of range": (prepare_main, ["--val_fraction=2", f"--out={w}/p"], "val_fraction"),
         "prepare: wrong type": (prepare_main, ["--num_proc=many", f"--out={w}/p"], "expects an integer"),
         "prepare: over a folder that is no dataset": (prepare_main, [f"{w}/two.txt", f"--out={w}/occupied"],

@@ -559,10 +559,10 @@ def test_finetuning_refuses_a_dataset_of_another_tokenizer(char_data, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     (tmp_path / "other.txt").write_text("abc def\n" * 500)
     other = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="char", out=str(tmp_path / "o")))
-    with pytest.raises(UserError, match="different character vocabularies"):
+    with pytest.raises(UserError, match="different char vocabularies"):
         train(tiny(other, tmp_path / "ft", init_from=str(tmp_path / "base")))
     state = next((tmp_path / "base" / "state").iterdir())  # holds no tokenizer: its run folder's is checked (it was
-    with pytest.raises(UserError, match="different character vocabularies"):  # not, and the ids meant other chars)
+    with pytest.raises(UserError, match="different char vocabularies"):  # not, and the ids meant other chars)
         train(tiny(other, tmp_path / "ft", init_from=str(state)))
     bpe = prepare(PrepareSettings(source=str(tmp_path / "other.txt"), tokenizer="gpt2", out=str(tmp_path / "bpe")))
     with pytest.raises(UserError, match="uses the char tokenizer but dataset .* was prepared with gpt2"):
@@ -580,7 +580,7 @@ def test_resume_refuses_a_dataset_prepared_again_with_other_characters(tmp_path)
             assert train(tiny(data, tmp_path / "run", max_iters=3, eval_interval=3)) == 0
             continue
         AcceleratorState._reset_state(reset_partial_state=True)
-        with pytest.raises(UserError, match=f"the run in {tmp_path / 'run'} and dataset .* have different character "
+        with pytest.raises(UserError, match=f"the run in {tmp_path / 'run'} and dataset .* have different char "
                                             "vocabularies"):
             train(tiny(data, tmp_path / "run", max_iters=6, init_from="resume"),
                   explicit={"max_iters": 6, "init_from": "resume"})
