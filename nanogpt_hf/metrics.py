@@ -46,9 +46,10 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     for key, color in (("train_loss", "tab:blue"), ("val_loss", "tab:orange")):
         ax.plot([e["iter"] for e in evals], [e[key] for e in evals], "o-", color=color, ms=3,
                 label=f"{key.split('_')[0]} (eval)")
-    for key in dict.fromkeys(k for e in evals for k in e if k.startswith("val_loss/")):  # a mixture's sources
+    sources = dict.fromkeys(k for e in evals for k in e if k.startswith("val_loss/"))  # a mixture's
+    for i, key in enumerate(sources):
         shown = [e for e in evals if key in e]
-        ax.plot([e["iter"] for e in shown], [e[key] for e in shown], "--", ms=2, label=f"val: {key[9:]}")
+        ax.plot([e["iter"] for e in shown], [e[key] for e in shown], "--", color=f"C{i + 2}", label=f"val: {key[9:]}")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
     if scored:
         for key in ("hellaswag_acc", "hellaswag_acc_norm"):
