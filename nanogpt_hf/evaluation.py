@@ -78,55 +78,92 @@ def encode_pairs(tokenizer, requests: list[tuple[str, str]]) -> list[tuple[list[
             for ctx, whole, req in zip(context_ids, whole_ids, requests)]
 
 
-def sequence_logprobs(model, pairs: list[tuple[list[int], int]], block_size: int, device) -> torch.Tensor:
-    """(R, 2): each pair's summed continuation log-probability and 1.0 if every continuation id is the model's most
-    likely (the harness's is_greedy), in one right-padded forward. As the harness, a sequence keeps its last
-    block_size + 1 ids and the model reads all but the last (a continuation longer than block_size: its last block_size
-    ids, where the harness stops); lm_head runs from the first continuation position on."""
-    pairs = [(ids[-(block_size + 1):], n) for ids, n in pairs]
-    seqs = torch.nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids, _ in pairs], batch_first=True)  # (R, T + 1)
-    x, y = seqs[:, :-1].to(device), seqs[:, 1:].to(device)  # inputs and their next ids (R, T)
-    ends = torch.tensor([len(ids) - 1 for ids, _ in pairs], device=device).unsqueeze(1)  # (R, 1)
-    starts = ends - torch.tensor([n for _, n in pairs], device=device).unsqueeze(1)
-    pos = torch.arange(x.shape[1], device=device)  # (T,)
-    kept = pos[int(starts.min().clamp(min=0)):]  # (T',) the positions whose logits are needed
-    scored = (kept >= starts) & (kept < ends)  # the continuation's positions (R, T')
-    logits = model(input_ids=x, attention_mask=(pos < ends).long(), use_cache=False, logits_to_keep=kept).logits
-    logp = logits[scored].float().log_softmax(-1)  # (S, V) in float32, the scored positions only
-    targets = y[:, kept][scored]  # (S,)
-    picked, greedy = torch.zeros(scored.shape, device=device), torch.ones(scored.shape, device=device)
-    picked[scored] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    greedy[scored] = (logp.argmax(-1) == targets).float()
-    return torch.stack([picked.sum(-1), greedy.amin(-1)], 1)
+def pack(pairs: list[tuple[list[int], int]], block_size: int) -> list[list[int]]:
+    """The forward rows, as lists of pair indices: pairs with the same context ids (a multiple-choice document's) share
+    a row, the context once then each continuation, within block_size; a pair past block_size + 1 ids is alone."""
+    groups = defaultdict(list)
+    for i, (ids, n) in enumerate(pairs):
+        groups[tuple(ids[:-n]) if len(ids) <= block_size + 1 else i].append(i)
+    rows = []
+    for members in groups.values():
+        rows.append([])
+        length = min(len(pairs[members[0]][0]) - 1, block_size) - pairs[members[0]][1] + 1  # the context's ids
+        for i in members:
+            if rows[-1] and length + pairs[i][1] - 1 > block_size:  # full: a new row, the context again
+                rows.append([])
+                length = len(pairs[i][0]) - pairs[i][1]
+            rows[-1].append(i)
+            length += pairs[i][1] - 1
+    return rows
+
+
+def row(pairs: list[tuple[list[int], int]], members: list[int], block_size: int) -> tuple[list, list, list, list]:
+    """A row's ids, positions, segments (0: the context, s: continuation s, which sees the context and itself) and
+    scored (position, next id, pair) triples. As the harness, a pair keeps its last block_size + 1 ids; the model
+    reads all but the last (a continuation longer than block_size: its last block_size ids; the harness stops)."""
+    ids, n = pairs[members[0]]
+    ids = ids[-(block_size + 1):]
+    context = ids[:len(ids) - min(n, block_size)]
+    tokens, positions, segments, scored = list(context), list(range(len(context))), [0] * len(context), []
+    for s, i in enumerate(members, 1):
+        n = min(pairs[i][1], block_size)
+        continuation = pairs[i][0][-n:]  # (n,): predicted from the context's last id, then from each other
+        where = [len(context) - 1] + list(range(len(tokens), len(tokens) + n - 1))
+        scored += [(p, t, i) for p, t in zip(where, continuation)]
+        tokens, segments = tokens + continuation[:-1], segments + [s] * (n - 1)
+        positions += range(len(context), len(context) + n - 1)
+    return tokens, positions, segments, scored
+
+
+def row_logprobs(model, rows: list[tuple], device, additive: bool) -> torch.Tensor:
+    """(S, 3): (pair, log-probability of the next id, 1.0 if it is the model's most likely) at each scored position
+    of `rows`, in one right-padded forward; lm_head runs at the scored positions only."""
+    pad = lambda k, fill: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
+        [torch.tensor(r[k]) for r in rows], batch_first=True, padding_value=fill).to(device)  # (R, T)
+    x, positions, segments = pad(0, 0), pad(1, 0), pad(2, -1)  # segment -1: padding
+    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=device).tril()  # (T, T)
+    seen = (segments.unsqueeze(1) == segments.unsqueeze(2)) | (segments.unsqueeze(1) == 0)  # (R, T, T) same tree
+    mask = (seen & causal).unsqueeze(1)  # (R, 1, T, T); eager attention adds it
+    mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf")) if additive else mask
+    b, p, targets, pair = torch.tensor([(b, *s) for b, r in enumerate(rows) for s in r[3]], device=device).T  # (S,)
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=device)
+    keep[b, p] = True  # the U scored positions (a context's last serves each continuation)
+    logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=keep).logits  # (U, V), row by row
+    logp = logits.float().log_softmax(-1)  # (U, V) in float32
+    index = keep.flatten().cumsum(0)[b * x.shape[1] + p] - 1  # (S,): each scored position's row of logp
+    picked, greedy = logp[index, targets], logp.argmax(-1)[index] == targets
+    return torch.stack([pair.to(picked.dtype), picked, greedy.to(picked.dtype)], 1)
 
 
 @torch.no_grad()
 def loglikelihoods(model, pairs: list[tuple[list[int], int]], accelerator, rows: int = ROWS) -> torch.Tensor:
-    """(R, 2) sequence_logprobs of all pairs, on every process. Sorted longest first, then by continuation length
-    (little padding, few logits), rank r scores
-    the sorted pairs r, r+W, ...; every rank runs the same number of forwards (FSDP needs it), a rank short of pairs
-    repeating one without keeping it."""
+    """(R, 2) for the pairs (context + continuation ids, continuation length), on every process: the continuation's
+    summed log-probability, and 1.0 if each of its ids is the model's most likely (the harness's is_greedy). The rows
+    (pack), sorted, rank r runs rows r, r+W, ... `rows` a forward; every rank runs the same number of
+    forwards (FSDP needs it), a rank short of rows repeating one without keeping it."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    block_size = accelerator.unwrap_model(model).config.block_size
-    order = sorted(range(len(pairs)), key=lambda i: (-min(len(pairs[i][0]), block_size + 1), -pairs[i][1]))
-    mine = order[rank::world]
-    rounds = math.ceil(math.ceil(len(pairs) / world) / rows)
-    out = torch.zeros(rounds * rows, 3, dtype=torch.float64, device=accelerator.device)  # (index + 1 (0: none), 2)
+    config = accelerator.unwrap_model(model).config
+    block_size, additive = config.block_size, config._attn_implementation == "eager"  # sdpa: a boolean mask
+    packed = [row(pairs, members, block_size) for members in pack(pairs, block_size)]
+    packed.sort(key=lambda r: -len(r[0]))  # longest first: little padding
+    mine = packed[rank::world]
+    rounds = math.ceil(math.ceil(len(packed) / world) / rows)
+    out = []
     was_training = model.training
     model.eval()
     with accelerator.autocast():
         for i in range(rounds):
             batch = mine[i * rows:(i + 1) * rows]
-            scores = sequence_logprobs(model, [pairs[j] for j in batch or order[:1]], block_size, accelerator.device)
-            if batch:
-                index = torch.tensor(batch, device=accelerator.device).unsqueeze(1) + 1.0
-                out[i * rows:i * rows + len(batch)] = torch.cat([index, scores.double()], 1)
+            scored = row_logprobs(model, batch or packed[:1], accelerator.device, additive)  # (S, 3)
+            out.append(scored.double()[:len(scored) if batch else 0])
     model.train(was_training)
-    out = accelerator.gather(out)  # (W * rounds * rows, 3)
-    out = out[out[:, 0] > 0]
-    result = torch.empty(len(pairs), 2, dtype=torch.float64)
-    result[out[:, 0].long().cpu() - 1] = out[:, 1:].cpu()
-    return result
+    out = accelerator.gather(accelerator.pad_across_processes(torch.cat(out), pad_index=-1))  # (W * S, 3)
+    out = out[out[:, 0] >= 0].cpu()  # the scored positions of all ranks
+    pair = out[:, 0].long()
+    logprob = torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, pair, out[:, 1])
+    greedy = torch.ones(len(pairs), dtype=torch.float64).scatter_reduce_(0, pair, out[:, 2], "amin")
+    return torch.stack([logprob, greedy], 1)
 
 
 def task_metrics(task) -> tuple[dict, float]:
