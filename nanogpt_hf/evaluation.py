@@ -121,13 +121,16 @@ def row_logprobs(model, rows: list[tuple], device, additive: bool) -> torch.Tens
     pad = lambda k, fill: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
         [torch.tensor(r[k]) for r in rows], batch_first=True, padding_value=fill).to(device)  # (R, T)
     x, positions, segments = pad(0, 0), pad(1, 0), pad(2, -1)  # segment -1: padding
-    causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=device).tril()  # (T, T)
-    seen = (segments.unsqueeze(1) == segments.unsqueeze(2)) | (segments.unsqueeze(1) == 0)  # (R, T, T) same tree
-    mask = (seen & causal).unsqueeze(1)  # (R, 1, T, T); eager attention adds it
-    mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf")) if additive else mask
+    mask = None  # one pair a row: causal attention, the padding last (the harness's forward)
+    if int(segments.max()) > 1:  # a shared context: a tree, each continuation seeing the context and itself
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=device).tril()  # (T, T)
+        seen = (segments.unsqueeze(1) == segments.unsqueeze(2)) | (segments.unsqueeze(1) == 0)  # (R, T, T)
+        mask = (seen & causal).unsqueeze(1)  # (R, 1, T, T); eager attention adds it
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf")) if additive else mask
     b, p, targets, pair = torch.tensor([(b, *s) for b, r in enumerate(rows) for s in r[3]], device=device).T  # (S,)
     keep = torch.zeros(x.shape, dtype=torch.bool, device=device)
     keep[b, p] = True  # the U scored positions (a context's last serves each continuation)
+    positions = None if mask is None else positions
     logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=keep).logits  # (U, V), row by row
     logp = logits.float().log_softmax(-1)  # (U, V) in float32
