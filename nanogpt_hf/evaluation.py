@@ -196,7 +196,8 @@ def score_tasks(model, tokenizer, tasks: Tasks, accelerator, limit: int = 0) -> 
     t0 = time.perf_counter()
     tasks.build(tokenizer, limit)
     instances = tasks.instances()
-    for inst, (logprob, greedy) in zip(instances, loglikelihoods(model, tasks.pairs, accelerator).tolist(), strict=True):
+    scores = loglikelihoods(model, tasks.pairs, accelerator).tolist()  # (R, 2)
+    for inst, (logprob, greedy) in zip(instances, scores, strict=True):
         inst.resps = [(logprob, greedy == 1.0)]
     results, centered = {}, {}
     for name, task in tasks.tasks.items():

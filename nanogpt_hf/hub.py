@@ -79,8 +79,8 @@ def task_results(info: dict) -> list[EvalResult] | None:
     shows them beside the model); a task on local data is named by the task alone."""
     if not (scores := info.get("tasks")):
         return None
-    out = [EvalResult(task_type="text-generation", dataset_type=path if is_hub_id(path) and "/" in path else name, dataset_name=name,
-                      dataset_split=split, metric_type=k, metric_value=v)
+    out = [EvalResult(task_type="text-generation", dataset_type=path if is_hub_id(path) and "/" in path else name,
+                      dataset_name=name, dataset_split=split, metric_type=k, metric_value=v)
            for name, (path, split) in scores["datasets"].items() for k, v in scores["results"][name].items()
            if k != "examples"]
     return out + [EvalResult(task_type="text-generation", dataset_type="core", dataset_name="core: " + ", ".join(

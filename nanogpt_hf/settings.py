@@ -74,8 +74,8 @@ def convert(name: str, tp: Any, raw: Any) -> Any:
     raise UserError(f"setting '{name}' expects {kind}, got {raw!r}")
 
 
-REPLACED = {"hellaswag": "eval_tasks=hellaswag (lm-evaluation-harness's task; a local file: a task YAML, see the README)",
-            "hellaswag_limit": "eval_tasks_limit"}  # settings that were renamed: their new form
+REPLACED = {"hellaswag": "eval_tasks=hellaswag (lm-evaluation-harness's task; a local file: a task YAML, see README)",
+            "hellaswag_limit": "eval_tasks_limit"}  # settings that were replaced: their new form
 
 
 def unknown_setting(name: str, known: list[str]) -> UserError:

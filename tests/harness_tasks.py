@@ -1,4 +1,4 @@
-"""lm-evaluation-harness's own task configs (hellaswag, arc_easy, winogrande, lambada_openai) over a few local documents:
+"""lm-evaluation-harness's own task configs (hellaswag, arc_easy, winogrande, lambada_openai) over local documents:
 task YAML files that `include` the harness's and point dataset_path at a local .jsonl (no Hub). Used by the tests."""
 
 import json

@@ -132,6 +132,7 @@ def test_without_lm_eval_the_error_names_the_install(monkeypatch, capsys):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    missing = lambda name, *a: None if name == "lm_eval" else find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
     assert cli.run(load_main, ["hellaswag"]) == 2
     assert capsys.readouterr().err == 'error: eval_tasks needs lm-evaluation-harness: pip install -e ".[eval]"\n'

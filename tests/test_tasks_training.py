@@ -45,7 +45,7 @@ def test_tasks_at_every_evaluation(char_data, tmp_path, task_files):
     assert [e["iter"] for e in evals] == [0, 2, 4]
     # eval_tasks_limit documents of each task, eval_tasks_final_limit after the last step (lambada has 3 in all)
     assert [[e[f"{name}_examples"] for name in NAMES] for e in evals] == [[2, 2, 2, 2], [2, 2, 2, 2], [3, 3, 3, 3]]
-    for e in evals:  # the core score is its definition: the mean over tasks of (acc_norm or acc - chance) / (1 - chance)
+    for e in evals:  # core is its definition: the mean over tasks of (acc_norm or acc - chance) / (1 - chance)
         p = {n: chance(n, e[f"{n}_examples"]) for n in NAMES}
         centered = [(e.get(f"{n}_acc_norm", e[f"{n}_acc"]) - p[n]) / (1 - p[n]) for n in NAMES]
         assert e["core"] == pytest.approx(sum(centered) / 4) and e["tasks_seconds"] > 0
