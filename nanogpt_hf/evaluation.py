@@ -1,8 +1,9 @@
 """Zero-shot tasks of EleutherAI's lm-evaluation-harness during training. The harness defines everything about a task:
 its documents, prompts, choices, targets, process_results and aggregation, so every figure is the harness's. Only the
-log-likelihoods are ours: the (context, continuation) requests of all tasks sorted by length, right-padded into
-batches, split over the processes, a context longer than block_size cut from the left as the harness's `hf` model
-does. lm_eval is imported only when tasks are set (the `eval` extra)."""
+log-likelihoods are ours: the (context, continuation) requests of all tasks, those sharing a context in one row (a
+tree attention mask), rows sorted by length, right-padded into batches and split over the processes, logits at the
+scored positions only; a context longer than block_size is cut from the left as the harness's `hf` model does.
+lm_eval is imported only when tasks are set (the `eval` extra)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from .common import UserError
 
 SCORED = ("loglikelihood", "multiple_choice")  # the output types made of loglikelihood requests only
-ROWS = 64  # requests per forward
+ROWS = 64  # rows per forward (a row: a context and its continuations)
 
 
 def load_tasks(names: str) -> dict:
