@@ -1,118 +1,228 @@
-"""Zero-shot HellaSwag exactly as EleutherAI's lm-evaluation-harness `hellaswag` task computes it: each of four
-endings is scored as the continuation " " + ending by its summed log-likelihood (acc), and by that over its length in
-characters (acc_norm). An example's endings share a forward with other examples'; processes split the examples."""
+"""Zero-shot tasks of EleutherAI's lm-evaluation-harness during training. The harness defines everything about a task:
+its documents, prompts, choices, targets, process_results and aggregation, so every figure is the harness's. Only the
+log-likelihoods are ours: the (context, continuation) requests of all tasks, those sharing a context in one row (a
+tree attention mask), rows sorted by length, right-padded into batches and split over the processes, logits at the
+scored positions only; a context longer than block_size is cut from the left as the harness's `hf` model does.
+lm_eval is imported only when tasks are set (the `eval` extra)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import os
-import re
+import time
+from collections import defaultdict
 
 import torch
 
-from .common import UserError, is_hub_id
+from .common import UserError
 
-FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def preprocess(text: str) -> str:
-    """The harness's clean-up; the brackets are artifacts of the WikiHow part of HellaSwag."""
-    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
+SCORED = ("loglikelihood", "multiple_choice")  # the output types made of loglikelihood requests only
+ROWS = 64  # rows per forward (a row: a context and its continuations)
 
 
-def hellaswag_example(doc: dict) -> dict:
-    """A dataset row as the harness's process_docs makes it: query, choices, label (str on the Hub, int in rowanz's)."""
-    query = preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
-    return {"query": query, "choices": [preprocess(e) for e in doc["endings"]], "label": int(doc["label"])}
+def load_tasks(names: str) -> dict:
+    """{name: the harness's Task} for comma-separated task names (a group or tag: its tasks) or task YAML files."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError('eval_tasks needs lm-evaluation-harness: pip install -e ".[eval]"')
+    from lm_eval.tasks import TaskManager
+
+    specs = [os.path.expanduser(n.strip()) for n in names.split(",") if n.strip()]
+    files = [n for n in specs if n.endswith((".yaml", ".yml"))]
+    if missing := [n for n in files if not os.path.isfile(n)]:
+        raise UserError(f"eval_tasks: no task file {missing[0]}")
+    manager = TaskManager(include_defaults=len(files) < len(specs))  # its ~15,000 files indexed only if needed
+    if unknown := [n for n in specs if n not in files and n not in manager.all_tasks]:
+        raise UserError(f"eval_tasks: {unknown[0]} is no lm-evaluation-harness task, group or tag (`lm_eval ls tasks` "
+                        "lists them) nor a task .yaml file")
+    tasks = manager.load(specs)["tasks"]
+    for name, task in tasks.items():
+        if task.OUTPUT_TYPE not in SCORED:
+            raise UserError(f"eval_tasks: {name} is a {task.OUTPUT_TYPE} task, not scored during training: run lm_eval "
+                            f"on the checkpoint (lm_eval --model hf --model_args pretrained=OUT_DIR,"
+                            f"trust_remote_code=True --tasks {name})")
+    return tasks
 
 
-def load_hellaswag(source: str, limit: int = 0) -> list[dict]:
-    """`Rowan/hellaswag` (any Hub id: its validation split) or a local .jsonl/.json/.parquet file with its fields;
-    the first `limit` examples (0: all), preprocessed. datasets caches both."""
-    from datasets import load_dataset
+@dataclasses.dataclass
+class Tasks:
+    """The harness's tasks, their requests built (and tokenized) once for the documents that evaluations score."""
 
-    from .data import naming_bad_files
+    tasks: dict  # {name: Task}
+    limit: int | None = None  # the requests are those of each task's first `limit` documents (0: all)
+    pairs: list | None = None  # (ids, continuation length) of every request, in task.instances order
 
-    if is_hub_id(source):
-        data = load_dataset(source, split="validation")
-    else:
-        builder = BUILDERS.get(os.path.splitext(source)[1].lower())
-        if builder is None:
-            raise UserError(f"HellaSwag file '{source}': pass a .jsonl, .json or .parquet file, or Rowan/hellaswag")
-        with naming_bad_files([os.path.expanduser(source)]):  # a bad line named, not datasets' traceback
-            data = load_dataset(builder, data_files=os.path.expanduser(source), split="train")
-    if missing := [f for f in FIELDS if f not in data.column_names]:
-        raise UserError(f"HellaSwag file '{source}' lacks the fields {', '.join(missing)}: pass Rowan/hellaswag "
-                        "or a file with its fields (rowanz's hellaswag_val.jsonl has them)")
-    if limit:
-        data = data.select(range(min(limit, len(data))))
-    for i, doc in enumerate(data):  # a wrong label or ending count would be scored silently (acc 0)
-        if len(doc["endings"]) != 4 or str(doc["label"]) not in ("0", "1", "2", "3"):
-            raise UserError(f"HellaSwag '{source}', example {i + 1}: {len(doc['endings'])} endings and label "
-                            f"{doc['label']!r}; each example needs 4 endings and a label 0-3")
-    return [hellaswag_example(doc) for doc in data]
+    def build(self, tokenizer, limit: int) -> None:
+        if limit != self.limit:
+            for task in self.tasks.values():
+                task.build_all_requests(limit=limit or None)
+            args = [inst.args for task in self.tasks.values() for inst in task.instances]
+            self.limit, self.pairs = limit, encode_pairs(tokenizer, args)
+
+    def instances(self) -> list:
+        return [inst for task in self.tasks.values() for inst in task.instances]
 
 
-def encode_pairs(tokenizer, contexts: list[str], continuations: list[str]) -> list[tuple[list[int], int]]:
-    """(context ids + continuation ids, number of continuation ids) per pair, as the harness tokenizes: a context's
-    trailing spaces move to the continuation; the continuation's ids are those of context + continuation past the
-    encoded context."""
-    continuations = [ctx[len(ctx.rstrip()):] + cont for ctx, cont in zip(contexts, continuations)]
-    contexts = [ctx.rstrip() for ctx in contexts]
+def encode_pairs(tokenizer, requests: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(context ids + continuation ids, number of continuation ids) per (context, continuation), as the harness's `hf`
+    model tokenizes: a context's trailing spaces move to the continuation; the continuation's ids are those of
+    context + continuation past the encoded context; an empty context is the prefix token (bos, else eos)."""
+    contexts = [ctx.rstrip() for ctx, _ in requests]
+    continuations = [ctx[len(ctx.rstrip()):] + cont for ctx, cont in requests]
     context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
     whole_ids = tokenizer([a + b for a, b in zip(contexts, continuations)], add_special_tokens=False)["input_ids"]
-    return [(ctx + whole[len(ctx):], len(whole) - len(ctx)) for ctx, whole in zip(context_ids, whole_ids)]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None and "" in (ctx for ctx, _ in requests):
+        raise UserError("a task request has an empty context: the tokenizer needs an end-of-text token to score it")
+    return [(ctx + whole[len(ctx):], len(whole) - len(ctx)) if req[0] else ([prefix] + whole, len(whole))
+            for ctx, whole, req in zip(context_ids, whole_ids, requests)]
 
 
-def sequence_logprobs(model, pairs: list[tuple[list[int], int]], block_size: int, device) -> torch.Tensor:
-    """(R,): the summed log-probability of each pair's continuation ids, all pairs in one right-padded forward. As
-    the harness, a sequence keeps its last block_size + 1 ids, and the model reads all but the last."""
-    pairs = [(ids[-(block_size + 1):], n) for ids, n in pairs]
-    seqs = torch.nn.utils.rnn.pad_sequence([torch.tensor(ids) for ids, _ in pairs], batch_first=True)  # (R, T + 1)
-    x, y = seqs[:, :-1].to(device), seqs[:, 1:].to(device)  # inputs and their next ids (R, T)
-    ends = torch.tensor([len(ids) - 1 for ids, _ in pairs], device=device).unsqueeze(1)  # (R, 1)
-    starts = ends - torch.tensor([n for _, n in pairs], device=device).unsqueeze(1)
-    pos = torch.arange(x.shape[1], device=device)  # (T,)
-    scored = (pos >= starts) & (pos < ends)  # the continuation's positions (R, T)
-    logits = model(input_ids=x, attention_mask=(pos < ends).long(), use_cache=False).logits  # (R, T, V)
-    picked = torch.zeros(scored.shape, device=device)  # log-softmax in float32 of the scored positions only
-    picked[scored] = logits[scored].float().log_softmax(-1).gather(-1, y[scored].unsqueeze(-1)).squeeze(-1)
-    return picked.sum(-1)
+def pack(pairs: list[tuple[list[int], int]], block_size: int) -> list[list[int]]:
+    """The forward rows, as lists of pair indices: pairs with the same context ids (a multiple-choice document's) share
+    a row, the context once then each continuation, within block_size; a pair past block_size + 1 ids is alone."""
+    groups = defaultdict(list)
+    for i, (ids, n) in enumerate(pairs):
+        groups[tuple(ids[:-n]) if len(ids) <= block_size + 1 else i].append(i)
+    rows = []
+    for members in groups.values():
+        rows.append([])
+        length = min(len(pairs[members[0]][0]) - 1, block_size) - pairs[members[0]][1] + 1  # the context's ids
+        for i in members:
+            if rows[-1] and length + pairs[i][1] - 1 > block_size:  # full: a new row, the context again
+                rows.append([])
+                length = len(pairs[i][0]) - pairs[i][1]
+            rows[-1].append(i)
+            length += pairs[i][1] - 1
+    return rows
 
 
-def choice_logprobs(model, tokenizer, examples: list[dict], block_size: int, device="cpu") -> torch.Tensor:
-    """(N, 4): the summed log-likelihood of each example's endings, the examples' 4N rows in one forward."""
-    contexts = [ex["query"] for ex in examples for _ in ex["choices"]]
-    pairs = encode_pairs(tokenizer, contexts, [" " + c for ex in examples for c in ex["choices"]])
-    return sequence_logprobs(model, pairs, block_size, device).view(len(examples), -1)
+def row(pairs: list[tuple[list[int], int]], members: list[int], block_size: int) -> tuple[list, list, list, list]:
+    """A row's ids, positions, segments (0: the context, s: continuation s, which sees the context and itself) and
+    scored (position, next id, pair) triples. As the harness, a pair keeps its last block_size + 1 ids; the model
+    reads all but the last (a continuation longer than block_size: its last block_size ids; the harness stops)."""
+    ids, n = pairs[members[0]]
+    ids = ids[-(block_size + 1):]
+    context = ids[:len(ids) - min(n, block_size)]
+    tokens, positions, segments, scored = list(context), list(range(len(context))), [0] * len(context), []
+    for s, i in enumerate(members, 1):
+        n = min(pairs[i][1], block_size)
+        continuation = pairs[i][0][-n:]  # (n,): predicted from the context's last id, then from each other
+        where = [len(context) - 1] + list(range(len(tokens), len(tokens) + n - 1))
+        scored += [(p, t, i) for p, t in zip(where, continuation)]
+        tokens, segments = tokens + continuation[:-1], segments + [s] * (n - 1)
+        positions += range(len(context), len(context) + n - 1)
+    return tokens, positions, segments, scored
 
 
-def count_correct(examples: list[dict], scores: torch.Tensor) -> torch.Tensor:
-    """[correct by acc, correct by acc_norm, examples] for (N, 4) scores."""
-    lengths = torch.tensor([[len(c) for c in ex["choices"]] for ex in examples], device=scores.device)
-    labels = torch.tensor([ex["label"] for ex in examples], device=scores.device)
-    acc, acc_norm = (scores.argmax(-1) == labels).sum(), ((scores / lengths).argmax(-1) == labels).sum()
-    return torch.stack([acc, acc_norm, torch.tensor(len(examples), device=scores.device)]).float()
+def row_logprobs(model, rows: list[tuple], device, additive: bool) -> torch.Tensor:
+    """(S, 3): (pair, log-probability of the next id, 1.0 if it is the model's most likely) at each scored position
+    of `rows`, in one right-padded forward; lm_head runs at the scored positions only."""
+    pad = lambda k, fill: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
+        [torch.tensor(r[k]) for r in rows], batch_first=True, padding_value=fill).to(device)  # (R, T)
+    x, positions, segments = pad(0, 0), pad(1, 0), pad(2, -1)  # segment -1: padding
+    mask = None  # one pair a row: causal attention, the padding last (the harness's forward)
+    if int(segments.max()) > 1:  # a shared context: a tree, each continuation seeing the context and itself
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=device).tril()  # (T, T)
+        seen = (segments.unsqueeze(1) == segments.unsqueeze(2)) | (segments.unsqueeze(1) == 0)  # (R, T, T)
+        mask = (seen & causal).unsqueeze(1)  # (R, 1, T, T); eager attention adds it
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf")) if additive else mask
+    b, p, targets, pair = torch.tensor([(b, *s) for b, r in enumerate(rows) for s in r[3]], device=device).T  # (S,)
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=device)
+    keep[b, p] = True  # the U scored positions (a context's last serves each continuation)
+    positions = None if mask is None else positions
+    logits = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=keep).logits  # (U, V), row by row
+    logp = logits.float().log_softmax(-1)  # (U, V) in float32
+    index = keep.flatten().cumsum(0)[b * x.shape[1] + p] - 1  # (S,): each scored position's row of logp
+    picked, greedy = logp[index, targets], logp.argmax(-1)[index] == targets
+    return torch.stack([pair.to(picked.dtype), picked, greedy.to(picked.dtype)], 1)
 
 
 @torch.no_grad()
-def score_hellaswag(model, tokenizer, examples: list[dict], accelerator, batch_size: int = 8) -> dict:
-    """acc, acc_norm and the example count over `examples`: rank r scores examples r, r+W, ...; every rank runs the
-    same number of forwards (FSDP needs it), a rank short of examples repeating one without counting it."""
+def loglikelihoods(model, pairs: list[tuple[list[int], int]], accelerator, rows: int = ROWS) -> torch.Tensor:
+    """(R, 2) for the pairs (context + continuation ids, continuation length), on every process: the continuation's
+    summed log-probability, and 1.0 if each of its ids is the model's most likely (the harness's is_greedy). The rows
+    (pack), sorted, rank r runs rows r, r+W, ... `rows` a forward; every rank runs the same number of
+    forwards (FSDP needs it), a rank short of rows repeating one without keeping it."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = examples[rank::world]
-    rounds = math.ceil(math.ceil(len(examples) / world) / batch_size)
-    block_size = accelerator.unwrap_model(model).config.block_size
+    config = accelerator.unwrap_model(model).config
+    block_size, additive = config.block_size, config._attn_implementation == "eager"  # sdpa: a boolean mask
+    packed = [row(pairs, members, block_size) for members in pack(pairs, block_size)]
+    packed.sort(key=lambda r: -len(r[0]))  # longest first: little padding
+    mine = packed[rank::world]
+    rounds = math.ceil(math.ceil(len(packed) / world) / rows)
+    out = []
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, device=accelerator.device)
     with accelerator.autocast():
         for i in range(rounds):
-            batch = mine[i * batch_size:(i + 1) * batch_size]
-            scores = choice_logprobs(model, tokenizer, batch or examples[:1], block_size, accelerator.device)
-            if batch:
-                counts += count_correct(batch, scores)
+            batch = mine[i * rows:(i + 1) * rows]
+            scored = row_logprobs(model, batch or packed[:1], accelerator.device, additive)  # (S, 3)
+            out.append(scored.double()[:len(scored) if batch else 0])
     model.train(was_training)
-    acc, acc_norm, n = accelerator.reduce(counts, reduction="sum").tolist()
-    return {"acc": acc / max(n, 1), "acc_norm": acc_norm / max(n, 1), "examples": int(n)}
+    out = accelerator.gather(accelerator.pad_across_processes(torch.cat(out), pad_index=-1))  # (W * S, 3)
+    out = out[out[:, 0] >= 0].cpu()  # the scored positions of all ranks
+    pair = out[:, 0].long()
+    logprob = torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, pair, out[:, 1])
+    greedy = torch.ones(len(pairs), dtype=torch.float64).scatter_reduce_(0, pair, out[:, 2], "amin")
+    return torch.stack([logprob, greedy], 1)
+
+
+def task_metrics(task) -> tuple[dict, float]:
+    """The harness's figures of a task whose requests hold their responses: its filters, process_results per document,
+    its aggregation of each metric (mean if none). Also the chance accuracy (1 / choices, averaged over documents)."""
+    from lm_eval.api.metrics import mean
+
+    task.apply_filters()
+    by_doc = defaultdict(list)
+    for inst in task.instances:
+        by_doc[inst.doc_id].append(inst)
+    key = next(iter(task.instances[0].filtered_resps))  # the first filter ("none": the response as is)
+    values = defaultdict(list)
+    for doc_id, doc in task.doc_iterator(limit=len(by_doc)):
+        insts = sorted(by_doc[doc_id], key=lambda inst: inst.idx)
+        for metric, value in task.process_results(doc, [inst.filtered_resps[key] for inst in insts]).items():
+            values[metric].append(value)
+    aggregation = task.aggregation()
+    figures = {k: aggregation.get(k, mean)(v) for k, v in values.items()}
+    chance = mean([1 / len(insts) for insts in by_doc.values()]) if task.OUTPUT_TYPE == "multiple_choice" else 0.0
+    return {**figures, "examples": len(by_doc)}, chance
+
+
+def score_tasks(model, tokenizer, tasks: Tasks, accelerator, limit: int = 0) -> dict:
+    """Each task's figures over its first `limit` documents (0: all), each task's accuracy centered on chance, the
+    core score (their mean), the seconds it took and each task's dataset; the same on every process."""
+    t0 = time.perf_counter()
+    tasks.build(tokenizer, limit)
+    instances = tasks.instances()
+    scores = loglikelihoods(model, tasks.pairs, accelerator).tolist()  # (R, 2)
+    for inst, (logprob, greedy) in zip(instances, scores, strict=True):
+        inst.resps = [(logprob, greedy == 1.0)]
+    results, centered = {}, {}
+    for name, task in tasks.tasks.items():
+        results[name], chance = task_metrics(task)
+        acc = results[name].get("acc_norm", results[name].get("acc"))  # acc_norm where the harness reports it
+        if acc is not None:
+            centered[name] = (acc - chance) / (1 - chance)  # nanochat's and DCLM's CORE convention
+    datasets = {name: [task.config.dataset_path, task.config.test_split or task.config.validation_split]
+                for name, task in tasks.tasks.items()}
+    return {"results": results, "centered": centered, "core": sum(centered.values()) / max(len(centered), 1),
+            "seconds": time.perf_counter() - t0, "datasets": datasets}
+
+
+def task_lines(scores: dict) -> list[str]:
+    """One line per task, `NAME: METRIC=VALUE ... examples=N` (the harness's names), then the core score."""
+    lines = [f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in r.items() if k != "examples") + f" examples="
+             f"{r['examples']}" for name, r in scores["results"].items()]
+    return lines + [f"core: {scores['core']:.4f} ({len(scores['centered'])} tasks, {scores['seconds']:.1f} s)"]
+
+
+def task_events(scores: dict | None) -> dict:
+    """The figures as metrics.jsonl and the trackers record them: TASK_METRIC, TASK_centered, core, tasks_seconds."""
+    if not scores:
+        return {}
+    flat = {f"{name}_{k}": v for name, r in scores["results"].items() for k, v in r.items()}
+    return {**flat, **{f"{name}_centered": v for name, v in scores["centered"].items()}, "core": scores["core"],
+            "tasks_seconds": scores["seconds"]}

@@ -40,8 +40,8 @@ def write_model_card(folder: str, info: dict) -> None:
         tags=list(dict.fromkeys(["nanogpt", "gpt2", "text-generation", *info.get("tags", [])])),
         datasets=info.get("datasets") or None,
         base_model=info.get("base_model") if is_hub_id(info.get("base_model")) else None,
-        eval_results=hellaswag_results(info), model_name=(info.get("repo_id") or info.get("title") or "nanoGPT model")
-        if info.get("hellaswag") else None)
+        eval_results=task_results(info), model_name=(info.get("repo_id") or info.get("title") or "nanoGPT model")
+        if info.get("tasks") else None)
     arch = {"model": config.architectures[0], "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
             "width": config.hidden_size, "context": config.max_position_embeddings, "vocabulary": config.vocab_size,
             "biases": getattr(config, "bias", getattr(config, "attention_bias", True)),  # GPT-2's: always
@@ -74,12 +74,17 @@ def write_model_card(folder: str, info: dict) -> None:
     ModelCard(card).save(os.path.join(folder, "README.md"))
 
 
-def hellaswag_results(info: dict) -> list[EvalResult] | None:
-    """The model's HellaSwag figures as model-index metadata (the Hub shows them beside the model)."""
-    hs = info.get("hellaswag")
-    return [EvalResult(task_type="text-generation", dataset_type="Rowan/hellaswag", dataset_name="HellaSwag",
-                       dataset_split="validation", metric_type=k, metric_value=hs[k]) for k in ("acc", "acc_norm")] \
-        if hs else None
+def task_results(info: dict) -> list[EvalResult] | None:
+    """The lm-evaluation-harness figures (evaluation.score_tasks) and the core score as model-index metadata (the Hub
+    shows them beside the model); a task on local data is named by the task alone."""
+    if not (scores := info.get("tasks")):
+        return None
+    out = [EvalResult(task_type="text-generation", dataset_type=path if is_hub_id(path) and "/" in path else name,
+                      dataset_name=name, dataset_split=split, metric_type=k, metric_value=v)
+           for name, (path, split) in scores["datasets"].items() for k, v in scores["results"][name].items()
+           if k != "examples"]
+    return out + [EvalResult(task_type="text-generation", dataset_type="core", dataset_name="core: " + ", ".join(
+        scores["centered"]), metric_type="core", metric_value=scores["core"])]
 
 
 def check_repo_id(repo_id: str, default_from: str = "") -> None:

@@ -32,12 +32,12 @@ class MetricsLog:
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
     """Train (per logged step) and train/val (per evaluation; a mixture's: each source's val too) losses against the
-    step; HellaSwag beside, when set."""
+    step; beside them, with eval_tasks, the core score and each task's accuracy centered on chance."""
     from matplotlib.figure import Figure  # not pyplot: no figure registry, no backend switch in a notebook's process
 
     events = read_metrics(metrics_path)
     evals = [e for e in events if e["type"] == "eval"]
-    scored = [e for e in evals if "hellaswag_acc" in e]  # zero-shot HellaSwag accuracy (chance: 0.25): a 2nd panel
+    scored = [e for e in evals if "core" in e]  # the harness's tasks: a 2nd panel
     fig = Figure(figsize=(14 if scored else 7, 4), dpi=100)
     axes = fig.subplots(1, 2 if scored else 1, squeeze=False)
     ax = axes[0][0]
@@ -51,10 +51,12 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
         shown = [e for e in evals if key in e]
         ax.plot([e["iter"] for e in shown], [e[key] for e in shown], "--", color=f"C{i + 2}", label=f"val: {key[9:]}")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
-    if scored:
-        for key in ("hellaswag_acc", "hellaswag_acc_norm"):
-            axes[0][1].plot([e["iter"] for e in scored], [e[key] for e in scored], "o-", ms=3, label=key[10:])
-        axes[0][1].set(xlabel="step", ylabel="HellaSwag accuracy")
+    if scored:  # the core score, and a line per task (a task evaluated at some evaluations only: those points)
+        for key in ["core", *dict.fromkeys(k for e in scored for k in e if k.endswith("_centered"))]:
+            steps, values = zip(*[(e["iter"], e[key]) for e in scored if key in e])
+            axes[0][1].plot(steps, values, "o-", ms=3, lw=2.5 if key == "core" else 1,
+                            label=key.removesuffix("_centered"))
+        axes[0][1].set(xlabel="step", ylabel="accuracy centered on chance")
     for ax in axes[0]:
         ax.grid(alpha=0.3)
         ax.legend()

@@ -265,9 +265,11 @@ class NanoGPTForCausalLM(NanoGPTPreTrainedModel, GenerationMixin):
         next-token targets y (nanoGPT's x, y windows) passes shift_labels=y instead."""
         out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        # only compute the logits that are needed (the last position when generating)
+        # only compute the logits that are needed (the last position when generating; a (B, T) boolean mask: the
+        # positions it marks, row by row, as (S, vocab_size): task scoring's continuations)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(out.last_hidden_state[:, keep, :])  # (B, T', vocab_size)
+        hidden, masked = out.last_hidden_state, isinstance(keep, torch.Tensor) and keep.dtype == torch.bool
+        logits = self.lm_head(hidden[keep] if masked else hidden[:, keep, :])  # (B, T', vocab_size)
         if cap := self.config.final_logit_softcapping:  # squashed smoothly into (-cap, cap)
             logits = cap * torch.tanh(logits / cap)
         loss = None

@@ -76,7 +76,13 @@ def convert(name: str, tp: Any, raw: Any) -> Any:
     raise UserError(f"setting '{name}' expects {kind}, got {raw!r}")
 
 
+REPLACED = {"hellaswag": "eval_tasks=hellaswag (lm-evaluation-harness's task; a local file: a task YAML, see README)",
+            "hellaswag_limit": "eval_tasks_limit"}  # settings that were replaced: their new form
+
+
 def unknown_setting(name: str, known: list[str]) -> UserError:
+    if name in REPLACED:
+        return UserError(f"setting '{name}' was replaced: use --{REPLACED[name]}")
     # an abbreviation ('lr' for 'learning_rate') or a prefix beats edit distance ('lr' is close to 'min_lr')
     initials = {"".join(p[0] for p in k.split("_")): k for k in known}
     close = [initials[name]] if name in initials else [k for k in known if k.startswith(name)][:1]
@@ -228,10 +234,14 @@ class RunSettings:
     eval_iters: int = setting(200, "batches per split for each evaluation (spread over all processes)",
                               range="[1, inf)")
     eval_only: bool = setting(False, "evaluate once and exit (works with every init_from)")
-    hellaswag: str = setting("", "zero-shot HellaSwag at every evaluation, as lm-evaluation-harness computes it: "
-                                 "Rowan/hellaswag (the Hub's validation split) or a local .jsonl/.json/.parquet with "
-                                 "its fields; empty: off", path=True)
-    hellaswag_limit: int = setting(0, "evaluate the first N HellaSwag examples (0: all)", range="[0, inf)")
+    eval_tasks: str = setting("", "lm-evaluation-harness tasks at every evaluation, zero-shot, scored by this model: "
+                                  "task names (hellaswag,arc_easy,winogrande,lambada_openai...) or task YAML files, "
+                                  "comma-separated; loglikelihood and multiple-choice tasks (pip install -e "
+                                  "\".[eval]\"); empty: off", path=True)
+    eval_tasks_limit: int = setting(0, "the first N documents of each task at each evaluation and with eval_only "
+                                       "(0: all)", range="[0, inf)")
+    eval_tasks_final_limit: int = setting(0, "the first N documents of each task at the evaluation after the last "
+                                             "step (0: all)", range="[0, inf)")
     always_save_checkpoint: bool = setting(True, "save the model at every evaluation, not only when val loss improves")
     init_from: str = setting("scratch", "scratch | resume (continue out_dir) | gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                                         "| any GPT-2 or nanogpt_hf checkpoint folder or Hub id (finetuning)", path=True)

@@ -30,7 +30,7 @@ from .checkpoint import (Checkpointer, check_checkpoint, check_shared_out_dir, l
 from .common import UserError, first_line, is_hub_id, own_work
 from .configuration_nanogpt import ARCHITECTURE as DECLARED, NanoGPTConfig
 from .data import Mixture, check_compatible, eval_batch, open_dataset, parse_mixture, sample_batch
-from .evaluation import load_hellaswag, score_hellaswag
+from .evaluation import Tasks, load_tasks, score_tasks, task_events, task_lines
 from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak_flops, resolve_device_type,
                        resolve_mixed_precision, training_attention)
 from .hub import HubPusher, check_repo_id
@@ -369,7 +369,7 @@ class Run:
     metrics: MetricsLog | None = None
     pusher: HubPusher | None = None
     peak: float | None = None
-    hellaswag: list | None = None  # the examples, loaded once
+    tasks: Tasks | None = None  # lm-evaluation-harness's tasks, loaded once
     # ----
     step: int = 0
     best_val_loss: float = math.inf
@@ -415,8 +415,10 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     run = Run(s, accelerator, torch.compile(prepared) if compiled else prepared, model, optimizers,
               streams, tokenizer,
               Checkpointer(accelerator, s.out_dir, s.keep_states), record, {})
-    if s.hellaswag:  # before training, so that a bad file is refused at once
-        run.hellaswag = load_hellaswag(s.hellaswag, s.hellaswag_limit)
+    if s.eval_tasks:  # before training, so that a bad name or file is refused at once; datasets downloaded once
+        with accelerator.main_process_first():
+            run.tasks = Tasks(load_tasks(s.eval_tasks))
+            run.tasks.build(tokenizer, s.eval_tasks_limit)
     if state:
         resume(run, state, device_type)
     else:
@@ -510,34 +512,34 @@ def report(run: Run, event: dict, line: str, progress) -> None:
 
 
 def evaluate(run: Run) -> dict:
-    """What an evaluation measures: the mean loss of each split, HellaSwag's scores when set (nanoGPT's eval step)."""
-    losses = estimate_loss(run.model, run.streams, run.s, run.accelerator)
+    """What an evaluation measures: the mean loss of each split (nanoGPT's eval step), and the harness's tasks when
+    set: eval_tasks_limit documents each, eval_tasks_final_limit after the last step."""
+    s = run.s
+    losses = estimate_loss(run.model, run.streams, s, run.accelerator)
     if not all(math.isfinite(v) for v in losses.values()):
-        raise non_finite(losses["val"], run.step, run.s.out_dir)
-    hs = score_hellaswag(run.model, run.tokenizer, run.hellaswag, run.accelerator) if run.hellaswag else None
-    return {**losses, "hellaswag": hs}
+        raise non_finite(losses["val"], run.step, s.out_dir)
+    limit = s.eval_tasks_final_limit if run.step >= s.max_iters and not s.eval_only else s.eval_tasks_limit
+    tasks = score_tasks(run.model, run.tokenizer, run.tasks, run.accelerator, limit) if run.tasks else None
+    return {**losses, "tasks": tasks}
 
 
 def eval_lines(m: dict) -> list[str]:
-    """The losses (with their perplexity; a mixture's: weighted means, then each source's), and HellaSwag's line as
-    the harness reports it."""
+    """The losses (with their perplexity; a mixture's: weighted means, then each source's), then a line per task as the
+    harness names its figures, and the core."""
     ppl = {k: perplexity([m[k]], [1]) for k in ("train", "val")}
     lines = [f"train loss {m['train']:.4f} (perplexity {ppl['train']:.2f}), val loss {m['val']:.4f} "
              f"(perplexity {ppl['val']:.2f})"]
     if sources := [k.partition("/")[2] for k in m if k.startswith("val/")]:
         lines.append("by source: " + ", ".join(f"{n} train {m['train/' + n]:.4f} val {m['val/' + n]:.4f}"
                                                for n in sources))
-    if m["hellaswag"]:
-        hs = m["hellaswag"]
-        lines.append(f"hellaswag: acc={hs['acc']:.4f} acc_norm={hs['acc_norm']:.4f} examples={hs['examples']}")
-    return lines
+    return lines + (task_lines(m["tasks"]) if m["tasks"] else [])
 
 
 def report_eval(run: Run, m: dict, progress) -> None:
     """An evaluation to metrics.jsonl, the console, the trackers and loss.png."""
     event = {"type": "eval", "iter": run.step, "train_loss": m["train"], "val_loss": m["val"],
              "train_ppl": perplexity([m["train"]], [1]), "val_ppl": perplexity([m["val"]], [1]),
-             "tokens": run.tokens_seen, **{f"hellaswag_{k}": v for k, v in (m["hellaswag"] or {}).items()}}
+             "tokens": run.tokens_seen, **task_events(m["tasks"])}
     by_source = {k.replace("/", "_loss/"): v for k, v in m.items() if "/" in k}  # val_loss/NAME
     if by_source:
         event |= by_source | {f"tokens/{name}": run.source_tokens[name] for name in run.streams["train"].names}
@@ -554,7 +556,7 @@ def save(run: Run, m: dict, progress) -> None:
         run.best_val_loss, run.best_step = m["val"], run.step
     if improved or s.always_save_checkpoint:
         run.card.update(steps=run.step, tokens_seen=run.tokens_seen, train_loss=m["train"], val_loss=m["val"],
-                        best_val_loss=run.best_val_loss, hellaswag=m["hellaswag"])
+                        best_val_loss=run.best_val_loss, tasks=m["tasks"])
         run.ckpt.save_model(run.model, run.tokenizer, run.card)
         if run.metrics is not None:  # nanoGPT says so too
             progress.write(f"saved the model to {s.out_dir}")
@@ -603,7 +605,7 @@ def train(s: TrainSettings, explicit: dict | None = None, recipes: list[str] = (
     s, acc = run.s, run.accelerator
     if s.eval_only:
         with own_work():
-            acc.print("eval: " + "\n".join(eval_lines(evaluate(run))))  # and HellaSwag's line
+            acc.print("eval: " + "\n".join(eval_lines(evaluate(run))))  # and a line per task
         end_training(acc)
         return 0
     exit_code = 0

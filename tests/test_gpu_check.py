@@ -51,7 +51,7 @@ def test_a_failing_check_is_its_row_and_the_others_still_run(monkeypatch, capsys
 
 
 def test_every_check_runs_on_tiny_cpu_shapes():
-    """The GPU's code paths (bench's train and generate modes, compile, HellaSwag scoring) on a CPU: every row ok."""
+    """The GPU's code paths (bench's train and generate modes, compile, task scoring) on a CPU: every row ok."""
     checks = {name: check for name, check in gpu_check.CHECKS.items() if check is not gpu_check.check_fsdp}
     rows = [gpu_check.run_check(name, check, gpu_check.TINY) for name, check in checks.items()]
     assert [(r.check, r.status) for r in rows] == [(name, "ok") for name in checks], rows

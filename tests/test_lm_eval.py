@@ -1,6 +1,7 @@
-"""lm-evaluation-harness on our checkpoints (the optional `eval` extra; skipped without it): the README's `lm_eval`
+"""lm-evaluation-harness on our checkpoints (in the test extra; the `eval` extra for users): the README's `lm_eval`
 command on a GPT-2 BPE checkpoint and the Python API on a character-level one, with tasks on local files (no Hub).
-The harness's figures must equal a direct computation of the same log-likelihoods with the model."""
+The harness's figures must equal a direct computation of the same log-likelihoods with the model, and our own
+scorer's (nanogpt_hf.evaluation, what train.py's eval_tasks run) must equal the harness's, on its own task configs."""
 
 import glob
 import json
@@ -12,10 +13,13 @@ import sys
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval
+from accelerate import Accelerator
+from harness_tasks import CONFIGS, write_tasks
 
-from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM  # noqa: E402
-from nanogpt_hf.tokenization import GPT2_EOT, char_tokenizer, gpt2_tokenizer  # noqa: E402
+from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
+from nanogpt_hf.evaluation import Tasks, load_tasks, score_tasks
+from nanogpt_hf.tokenization import GPT2_EOT, char_tokenizer, gpt2_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"  # one window: shorter than block_size
 CHOICES = [{"query": "All:", "choices": ["Speak, speak.", "Nay, we are resolved."], "label": 0},
@@ -37,7 +41,7 @@ def save_tiny(folder: str, tokenizer, **config) -> NanoGPTForCausalLM:
     return model
 
 
-def write_tasks(folder) -> str:
+def write_tiny_tasks(folder) -> str:
     """The two tasks' data (.jsonl) and YAML configs in `folder`, read by datasets' json builder: no download."""
     rows = {"tiny_choice": CHOICES, "tiny_text": [{"text": TEXT}]}
     for name, config in TASKS.items():
@@ -81,18 +85,39 @@ def check(results: dict, want: dict) -> None:
 
 @pytest.mark.slow
 def test_lm_eval_command_on_a_gpt2_bpe_checkpoint(tmp_path):
+    """One `lm_eval` run over the two tiny tasks and the harness's hellaswag, arc_easy, winogrande (partial scoring)
+    and lambada_openai (greedy acc, perplexity) on local documents; our scorer on the same tasks gives its figures."""
     tokenizer = gpt2_tokenizer(model_max_length=BLOCK)
     model = save_tiny(str(tmp_path / "ckpt"), tokenizer, vocab_size=50304)
+    with torch.no_grad():  # " king" the model's favourite: the first lambada document is predicted greedily
+        model.transformer.ln_f.bias += 300 * model.transformer.wte.weight[tokenizer.encode(" king")[0]]
+    model.save_pretrained(tmp_path / "ckpt")
+    os.makedirs(tmp_path / "harness")
+    tasks = Tasks(load_tasks(",".join(write_tasks(tmp_path / "harness"))))
+    ours = score_tasks(model, tokenizer, tasks, Accelerator(cpu=True))
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-           f"pretrained={tmp_path / 'ckpt'},trust_remote_code=True", "--tasks", ",".join(TASKS),
-           "--include_path", write_tasks(tmp_path), "--device", "cpu", "--batch_size", "4",
-           "--output_path", str(tmp_path / "results")]
+           f"pretrained={tmp_path / 'ckpt'},trust_remote_code=True", "--tasks", ",".join([*TASKS, *CONFIGS]),
+           "--include_path", write_tiny_tasks(tmp_path), "--device", "cpu", "--batch_size", "4",
+           "--output_path", str(tmp_path / "results"), "--log_samples"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (path,) = glob.glob(str(tmp_path / "results" / "**" / "results_*.json"), recursive=True)
     with open(path) as fh:
-        check(json.load(fh)["results"], expected(model, tokenizer, prefix=GPT2_EOT))  # bos = eos = <|endoftext|>
+        theirs = json.load(fh)["results"]
+    check(theirs, expected(model, tokenizer, prefix=GPT2_EOT))  # bos = eos = <|endoftext|>
+    for name in CONFIGS:  # every figure, and every request's log-likelihood and is_greedy
+        assert {f"{k},none": v for k, v in ours["results"][name].items() if k != "examples"} == pytest.approx(
+            {k: v for k, v in theirs[name].items() if k.endswith(",none") and "stderr" not in k}, rel=1e-6), name
+        assert ours["results"][name]["examples"] == theirs[name]["sample_len"] == len(CONFIGS[name][2])
+        (samples,) = glob.glob(str(tmp_path / "results" / "**" / f"samples_{name}_*.jsonl"), recursive=True)
+        with open(samples) as fh:
+            logged = sorted(map(json.loads, fh), key=lambda sample: sample["doc_id"])
+        flat = [x for inst in tasks.tasks[name].instances for x in (inst.resps[0][0], float(inst.resps[0][1]))]
+        assert [x for sample in logged for ll, greedy in sample["filtered_resps"]  # logged as text
+                for x in (float(ll), float(greedy == "True"))] \
+            == pytest.approx(flat, rel=1e-6), name
+    assert ours["results"]["lambada_openai"]["acc"] == pytest.approx(1 / 3)  # is_greedy, true once
 
 
 def test_lm_eval_on_a_char_checkpoint_with_a_prefix_token(tmp_path):
@@ -104,8 +129,8 @@ def test_lm_eval_on_a_char_checkpoint_with_a_prefix_token(tmp_path):
                       eos_token_id=None)
     out = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={tmp_path / 'ckpt'},trust_remote_code=True,prefix_token_id=0",
-        tasks=list(TASKS), task_manager=lm_eval.tasks.TaskManager(include_path=write_tasks(tmp_path)),
-        device="cpu", batch_size=4)
+        tasks=list(TASKS), device="cpu", batch_size=4,
+        task_manager=lm_eval.tasks.TaskManager(include_path=write_tiny_tasks(tmp_path), include_defaults=False))
     want = expected(model, tokenizer, prefix=0)
     check(out["results"], want)
     samples = sorted(out["samples"]["tiny_choice"], key=lambda sample: sample["doc_id"])

@@ -17,11 +17,10 @@ from nanogpt_hf.common import UserError
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare
 from nanogpt_hf.tokenization import CHAT_TOKENS, same_vocabulary, train_bpe
 from nanogpt_hf.training import train
-import test_hellaswag_training
+from harness_tasks import write_tasks
 from test_training import metrics, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-hellaswag_file = test_hellaswag_training.hellaswag_file  # its fixture: twelve examples
 ODD_TEXTS = ["héllo wörld 🤗🦜 👨‍👩‍👧 世界你好 こんにちは 안녕 مرحبا",
              "\x00\x01\x07\x1b[31m\x7f\r\n\t\x0b\x0c", "  leading and trailing  \n\n\n",
              "<|endoftext|><|bos|> literal specials", "\ufeff\u200b\u00ad\U0010ffff"]
@@ -106,12 +105,13 @@ def test_a_stream_trains_the_tokenizer_on_its_first_tokenizer_sample_characters(
 
 
 def test_training_on_a_trained_tokenizer_samples_and_finetunes_only_on_its_vocabulary(
-        bpe_data, corpora, tmp_path, hellaswag_file, capsys):
-    s = tiny(bpe_data, tmp_path / "base", max_iters=4, eval_interval=2, hellaswag=hellaswag_file, sample_at_end=True)
+        bpe_data, corpora, tmp_path, capsys):
+    hellaswag = next(f for f in write_tasks(tmp_path) if "hellaswag" in os.path.basename(f))  # the harness's task
+    s = tiny(bpe_data, tmp_path / "base", max_iters=4, eval_interval=2, eval_tasks=hellaswag, sample_at_end=True)
     assert train(s) == 0
     model = NanoGPTForCausalLM.from_pretrained(tmp_path / "base")
     assert model.config.vocab_size == 448 and model.config.eos_token_id == 0  # 400 padded to a multiple of 64
-    assert "sample from" in capsys.readouterr().out and "hellaswag_acc" in metrics(tmp_path / "base", "eval")[-1]
+    assert "sample from" in capsys.readouterr().out and "core" in metrics(tmp_path / "base", "eval")[-1]
     from nanogpt_hf.cli import sample_main
 
     assert sample_main([f"--init_from={tmp_path / 'base'}", "--max_new_tokens=5", "--num_samples=1",
