@@ -349,6 +349,9 @@ def tokenizing(cfg: PrepareSettings, parts) -> tuple:
         return char_tokenizing(cfg, parts, tokenizer.get_vocab())
     if kind == "gpt2":  # tiktoken: GPT-2's ids, faster
         return tokenizer, {"column": cfg.text_column, "dtype": "uint16", "num_threads": os.cpu_count() or 1}
+    if tokenizer.eos_token_id is None:  # documents would run together, and generation would never stop
+        raise UserError(f"--tokenizer={cfg.tokenizer} has no end-of-text (eos) token to end each document with; use "
+                        "a tokenizer that has one (gpt2, bpe, or a causal language model's)")
     return tokenizer, {"column": cfg.text_column, "dtype": "uint16" if len(tokenizer) <= 1 << 16 else "uint32",
                        "tokenizer": tokenizer.backend_tokenizer.to_str(), "eot": tokenizer.eos_token_id}
 

@@ -38,6 +38,7 @@ def load_tasks(names: str) -> dict:
                         "lists them) nor a task .yaml file")
     tasks = manager.load(specs)["tasks"]
     for name, task in tasks.items():
+        task.set_fewshot_seed(1234)  # a task with few-shot examples draws them as the harness's evaluator does
         if task.OUTPUT_TYPE not in SCORED:
             raise UserError(f"eval_tasks: {name} is a {task.OUTPUT_TYPE} task, not scored during training: run lm_eval "
                             f"on the checkpoint (lm_eval --model hf --model_args pretrained=OUT_DIR,"
@@ -116,12 +117,15 @@ def row(pairs: list[tuple[list[int], int]], members: list[int], block_size: int)
     return tokens, positions, segments, scored
 
 
+def padded(sequences: list, fill: int, device) -> torch.Tensor:  # (R, T), right-padded with `fill`
+    return torch.nn.utils.rnn.pad_sequence([torch.tensor(q) for q in sequences], batch_first=True,
+                                           padding_value=fill).to(device)
+
+
 def row_logprobs(model, rows: list[tuple], device, additive: bool) -> torch.Tensor:
     """(S, 3): (pair, log-probability of the next id, 1.0 if it is the model's most likely) at each scored position
     of `rows`, in one right-padded forward; lm_head runs at the scored positions only."""
-    pad = lambda k, fill: torch.nn.utils.rnn.pad_sequence(  # noqa: E731
-        [torch.tensor(r[k]) for r in rows], batch_first=True, padding_value=fill).to(device)  # (R, T)
-    x, positions, segments = pad(0, 0), pad(1, 0), pad(2, -1)  # segment -1: padding
+    x, positions, segments = (padded([r[k] for r in rows], fill, device) for k, fill in ((0, 0), (1, 0), (2, -1)))
     mask = None  # one pair a row: causal attention, the padding last (the harness's forward)
     if int(segments.max()) > 1:  # a shared context: a tree, each continuation seeing the context and itself
         causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=device).tril()  # (T, T)

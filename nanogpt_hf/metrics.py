@@ -32,15 +32,18 @@ class MetricsLog:
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
     """Train (per logged step) and train/val (per evaluation; a mixture's: each source's val too) losses against the
-    step; beside them, with eval_tasks, the core score and each task's accuracy centered on chance."""
+    step; beside them the gradient's norm (clipped steps marked) and, with eval_tasks, the core score and each task's
+    accuracy centered on chance."""
     from matplotlib.figure import Figure  # not pyplot: no figure registry, no backend switch in a notebook's process
 
     events = read_metrics(metrics_path)
     evals = [e for e in events if e["type"] == "eval"]
-    scored = [e for e in evals if "core" in e]  # the harness's tasks: a 2nd panel
-    fig = Figure(figsize=(14 if scored else 7, 4), dpi=100)
-    axes = fig.subplots(1, 2 if scored else 1, squeeze=False)
-    ax = axes[0][0]
+    normed = [e for e in events if e["type"] == "train" and "grad_norm" in e]  # a panel
+    scored = [e for e in evals if "core" in e]  # the harness's tasks: a panel
+    panels = 1 + bool(normed) + bool(scored)
+    fig = Figure(figsize=(7 * panels, 4), dpi=100)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
     ax.plot([e["iter"] for e in events if e["type"] == "train"], [e["loss"] for e in events if e["type"] == "train"],
             color="tab:blue", alpha=0.35, lw=1, label="train (step)")
     for key, color in (("train_loss", "tab:blue"), ("val_loss", "tab:orange")):
@@ -51,13 +54,18 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
         shown = [e for e in evals if key in e]
         ax.plot([e["iter"] for e in shown], [e[key] for e in shown], "--", color=f"C{i + 2}", label=f"val: {key[9:]}")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
+    if normed:
+        clipped = [e for e in normed if e.get("clipped")]
+        axes[1].plot([e["iter"] for e in normed], [e["grad_norm"] for e in normed], lw=1, label="before clipping")
+        axes[1].plot([e["iter"] for e in clipped], [e["grad_norm"] for e in clipped], "rx", ms=4, label="clipped")
+        axes[1].set(xlabel="step", ylabel="gradient norm", yscale="log")
     if scored:  # the core score, and a line per task (a task evaluated at some evaluations only: those points)
         for key in ["core", *dict.fromkeys(k for e in scored for k in e if k.endswith("_centered"))]:
             steps, values = zip(*[(e["iter"], e[key]) for e in scored if key in e])
-            axes[0][1].plot(steps, values, "o-", ms=3, lw=2.5 if key == "core" else 1,
-                            label=key.removesuffix("_centered"))
-        axes[0][1].set(xlabel="step", ylabel="accuracy centered on chance")
-    for ax in axes[0]:
+            axes[-1].plot(steps, values, "o-", ms=3, lw=2.5 if key == "core" else 1,
+                          label=key.removesuffix("_centered"))
+        axes[-1].set(xlabel="step", ylabel="accuracy centered on chance")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -55,7 +55,7 @@ def convert(name: str, tp: Any, raw: Any) -> Any:
             raise UserError(f"setting '{name}' must be one of {', '.join(map(str, args))}; got {raw!r}")
         return next(a for a in args if str(a) == str(raw))
     if tp is str:
-        if isinstance(raw, dict) and raw:  # a YAML mapping, as on the command line: a mixture's folder: weight
+        if isinstance(raw, dict) and raw and name == "dataset":  # a mixture as a YAML mapping of folder: weight
             return ",".join(f"{k}:{v}" for k, v in raw.items())
         if raw is None or isinstance(raw, (bool, dict, list)):  # YAML read an empty value as null, off as False
             raise UserError(f"setting '{name}' expects a string, got {raw}; in a YAML recipe, quote the value")

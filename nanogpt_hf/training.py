@@ -190,11 +190,14 @@ def resume_settings(s: TrainSettings, explicit: dict, out_dir: str) -> tuple[Tra
         if k in ARCHITECTURE or k == "optimizer":  # the model, or the optimizer states, would not load
             raise UserError(f"cannot resume with {k}={changed[k]!r}: the run in {out_dir} was trained with "
                             f"{k}={getattr(saved, k)!r}; start a new out_dir to change {k}")
+    if "gradient_accumulation_steps" in changed and "total_batch_size" not in explicit:  # the one given now wins
+        changed["total_batch_size"] = None
     notes = [f"resuming with {k} changed: {getattr(saved, k)!r} -> {v!r}" for k, v in changed.items()]
     s = dataclasses.replace(saved, **changed, init_from="resume", out_dir=out_dir)
     last = ts["step"] - 1  # the last step trained: its learning rate under the new settings tells a jump
     if last >= 0 and not math.isclose(learning_rates(saved, last)[0], learning_rates(s, last)[0], rel_tol=1e-9):
-        wsd = " (lr_schedule=wsd keeps it while a run is extended)" if s.lr_schedule == "cosine" else ""
+        extended = s.lr_schedule == "cosine" and {"max_iters", "lr_decay_iters"} & changed.keys()
+        wsd = " (lr_schedule=wsd keeps it while a run is extended)" if extended else ""
         notes.append(f"the learning rate jumps with these settings: {learning_rates(saved, last)[0]:.2e} at step "
                      f"{last} -> {learning_rates(s, last + 1)[0]:.2e} at step {last + 1}{wsd}")
     return s, state, notes
@@ -428,7 +431,8 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
                       f"compile {compiled}\ndata: {describe(streams['train'], sources)} ({data.tokenizer_kind}, "
                       f"vocab {data.vocab_size}); "
                       f"tokens per iteration: {s.tokens_per_step:,} = "
-                      f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block")
+                      f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block"
+                      + (" (micro-batches from total_batch_size)" if s.total_batch_size else ""))
     if not s.eval_only:
         start_records(run, sources)
     return run
@@ -456,6 +460,9 @@ def resume(run: Run, state: str, device_type: str) -> None:
                       recipes=ts["recipes"])
     log = run.accelerator.print
     log(f"resumed from {state} at step {run.step} (best val loss {run.best_val_loss:.4f})")
+    if ts["settings"]["dataset"] != run.s.dataset and not run.s.eval_only:  # a new phase: val measures other data
+        run.best_val_loss = math.inf
+        log("the dataset changed: the best val loss starts again with this phase")
     if run.accelerator.is_main_process and not run.s.eval_only:
         run.ckpt.prune()  # a run killed between saving a state and pruning the old ones left one too many
     if run.step >= run.s.max_iters and not run.s.eval_only:
@@ -584,18 +591,18 @@ def log_step(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, lrs: list[fl
     dt = (now - run.t_log - run.paused) / (run.step - run.last_log)
     warm = run.last_log - run.first_step >= 5  # as nanoGPT: MFU leaves out the first steps (warm-up, compile)
     run.t_log, run.paused, run.last_log = now, 0.0, run.step
-    event = {"type": "train", "iter": run.step, "loss": loss, "grad_norm": grad_norm, "lr": lrs[0],
-             "ms_per_iter": dt * 1000, "tokens_per_s": s.tokens_per_step / dt}
+    clipped = 0 < s.grad_clip < grad_norm
+    event = {"type": "train", "iter": run.step, "loss": loss, "grad_norm": grad_norm, "clipped": clipped,
+             "lr": lrs[0], "ms_per_iter": dt * 1000, "tokens_per_s": s.tokens_per_step / dt}
     if len(lrs) > 1:  # Muon's, beside AdamW's
         event["muon_lr"] = lrs[1]
     if run.peak and warm:
         mfu = estimate_mfu(run.raw, s.rows_per_step // acc.num_processes, s.block_size, dt, run.peak)
         run.mfu = event["mfu"] = mfu if run.mfu < 0 else 0.9 * run.mfu + 0.1 * mfu
     mfu_text = f", mfu {run.mfu * 100:.2f}%" if run.mfu >= 0 else ""
-    clipped = " (clipped)" if 0 < s.grad_clip < grad_norm else ""
-    report(run, event, f"iter {run.step}: loss {loss:.4f}, norm {grad_norm:.2f}{clipped}, lr {lrs[0]:.2e}, "
-                       f"time {dt * 1000:.2f}ms, "
-                       f"{s.tokens_per_step / dt:,.0f} tok/s{mfu_text}", progress)
+    report(run, event, f"iter {run.step}: loss {loss:.4f}, norm {grad_norm:.2f}{' (clipped)' * clipped}, "
+                       f"lr {lrs[0]:.2e}, time {dt * 1000:.2f}ms, {s.tokens_per_step / dt:,.0f} tok/s{mfu_text}",
+           progress)
     progress.set_postfix(loss=f"{loss:.4f}")
 
 

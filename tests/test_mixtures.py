@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
@@ -205,4 +204,25 @@ def test_the_logged_gradient_norm_is_the_norm_of_the_gradient(corpora, tmp_path)
     model(input_ids=x, shift_labels=y).loss.backward()
     direct = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
     assert logged == pytest.approx(direct, rel=1e-5) and logged > 0.01  # the norm before clipping
-    assert np.isfinite(logged)
+    assert events(tmp_path, "train")[0]["clipped"] is True  # grad_clip 0.01
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "loss.png").shape[1] == 1400  # two panels: the losses, the gradient's norm
+
+
+def test_a_resume_may_change_the_mixture_a_new_phase(corpora, tmp_path, capsys):
+    paths, _ = corpora
+    base = [f"--out_dir={tmp_path}", "--eval_interval=4", "--always_save_checkpoint=false", *TINY]
+    assert train_main([*base, f"--dataset={paths['plays']}", "--max_iters=4"]) == 0
+    capsys.readouterr()
+    phase = f"{paths['plays']}:0.5,{paths['mirror']}:0.5"
+    assert train_main([*base, f"--dataset={phase}", "--max_iters=8", "--init_from=resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming with dataset changed: '{paths['plays']}' -> '{phase}'" in out
+    assert "the dataset changed: the best val loss starts again with this phase" in out
+    last, mix = events(tmp_path, "eval")[-1], Mixture([TokenStream(paths[k]) for k in ("plays", "mirror")], [1, 1],
+                                                      ["plays", "mirror"])
+    phase_two = sum(mix.tokens(1337, step, 1, 4, 32)["plays"] for step in range(4, 8))  # 4 rows of 32 a step
+    assert last["tokens/plays"] == 4 * 128 + phase_two  # the first phase's tokens carried over
+    assert last["tokens/plays"] + last["tokens/mirror"] == last["tokens"] == 8 * 128
+    assert "saved the model" in out.split("step 8:")[1]  # the new phase's first val is its best so far

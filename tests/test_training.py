@@ -771,7 +771,9 @@ def test_wandb_offline_tracker(char_data, tmp_path, monkeypatch):
 def test_two_processes_match_one_process(char_data, tmp_path):
     """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 with 3 micro-batches of 4 rows per step:
     each process takes half of the 12 rows, as 3 micro-batches of 2 (accumulated, gradients synchronised on the
-    last); the ranks end with identical weights, and their losses equal a one-process run's within 1e-5."""
+    last); the ranks end with identical weights, and their losses equal a one-process run's within 1e-5. The data is
+    a mixture of two folders: each source's losses and tokens are the same too."""
+    copy = shutil.copytree(char_data, tmp_path / "copy")  # the same vocabulary, drawn as a second source
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, torch\n"
@@ -789,7 +791,7 @@ def test_two_processes_match_one_process(char_data, tmp_path):
         "torch.save(sd, f\"{sys.argv[-1].split('=')[1]}/rank{acc.process_index}.pt\")\n"
         "sys.exit(code)\n"
     )
-    args = ["--dataset=" + char_data, "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+    args = [f"--dataset={char_data}:0.6,{copy}:0.4", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
             "--batch_size=4", "--gradient_accumulation_steps=3", "--max_iters=4", "--eval_interval=4",
             "--eval_iters=3", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--lr_decay_iters=4",
             "--dtype=float32", "--device=cpu", "--sample_at_end=false", "--backend=gloo"]  # one process ignores it
@@ -810,7 +812,10 @@ def test_two_processes_match_one_process(char_data, tmp_path):
     losses_two = [e["loss"] for e in metrics(two, "train")]
     losses_one = [e["loss"] for e in metrics(one, "train")]
     assert len(losses_two) == 4 and losses_two == pytest.approx(losses_one, abs=1e-5)
-    assert metrics(two, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
+    (a, b), name = (metrics(out, "eval")[-1] for out in (two, one)), os.path.basename(char_data)
+    assert a.keys() == b.keys() and a["tokens/copy"] + a[f"tokens/{name}"] == a["tokens"] == 4 * 12 * 32
+    numbers = [{k: v for k, v in e.items() if k != "type"} for e in (a, b)]  # val_loss/copy, tokens/copy, ...
+    assert numbers[0] == pytest.approx(numbers[1], abs=1e-5)
 
 
 @pytest.mark.slow
