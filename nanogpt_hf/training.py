@@ -165,7 +165,8 @@ def mean_loss(model, stream, s: TrainSettings, accelerator) -> float:
         x, y = eval_batch(stream, seed=s.seed, k=min(k, s.eval_iters - 1), batch_size=s.batch_size,
                           block_size=s.block_size)
         with accelerator.autocast():
-            loss = model(input_ids=x.to(accelerator.device), shift_labels=y.to(accelerator.device), use_cache=False).loss
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            loss = model(input_ids=x, shift_labels=y, use_cache=False).loss
         total += torch.stack([loss.float(), torch.ones_like(loss.float())]) * (k < s.eval_iters)
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
