@@ -323,6 +323,20 @@ def text_sample(ds, column: str, chars: int) -> Iterator[list[str]]:
             return
 
 
+def bpe_text(cfg: PrepareSettings, parts: list) -> Iterator[list[str]]:
+    """What a BPE is trained on: the first tokenizer_sample characters of the train documents. A corpus of one split
+    is held out from as split_dataset will (a stream's val, drawn at random later, is not)."""
+    ds, chars = parts[0], cfg.tokenizer_sample
+    if len(parts) == 1 and not cfg.streaming:
+        rule, fraction = val_rule(cfg, len(ds))
+        if rule == "random":  # the same documents as split_dataset's
+            ds = ds.train_test_split(test_size=fraction, seed=cfg.seed, shuffle=True)["train"]
+        else:  # the last `fraction` of the tokens: about as much of the characters
+            total = pc.sum(pc.utf8_length(ds.data.column(cfg.text_column))).as_py() or 0
+            chars = min(chars, int(total * (1 - fraction)))
+    return text_sample(ds, cfg.text_column, chars)
+
+
 def reused_tokenizer(name: str):
     """--tokenizer=DIR: the tokenizer of a prepared dataset or model folder (its tokenizer.json), or of a Hub id."""
     if os.path.isdir(name):
@@ -337,12 +351,11 @@ def reused_tokenizer(name: str):
 
 def tokenizing(cfg: PrepareSettings, parts) -> tuple:
     """(the transformers tokenizer, tokenize_batch's kwargs); char: one pass over the text for its vocabulary; bpe:
-    one over the first tokenizer_sample characters of the first (train) split to train it."""
+    one over the first tokenizer_sample characters of the train documents to train it."""
     if cfg.tokenizer == "char":
         return char_tokenizing(cfg, parts)
     if cfg.tokenizer == "bpe":
-        tokenizer = train_bpe(text_sample(next(iter(parts)), cfg.text_column, cfg.tokenizer_sample), cfg.vocab_size,
-                              cfg.split_pattern)
+        tokenizer = train_bpe(bpe_text(cfg, list(parts)), cfg.vocab_size, cfg.split_pattern)
     else:
         tokenizer = gpt2_tokenizer() if cfg.tokenizer == "gpt2" else reused_tokenizer(cfg.tokenizer)
     if (kind := tokenizer_kind(tokenizer)) == "char":  # a reused character vocabulary
@@ -411,11 +424,16 @@ def tail_split(ds, fraction: float) -> tuple:
     return datasets.concatenate_datasets(train), datasets.concatenate_datasets(val)
 
 
+def val_rule(cfg: PrepareSettings, documents: int) -> tuple[str, float]:
+    """How val is held out of a corpus of one split, and how much: tail (of the tokens) or random (documents)."""
+    rule = "random" if documents >= cfg.random_split_min_documents else "tail"
+    rule = rule if cfg.val_split == "auto" else cfg.val_split
+    return rule, cfg.val_fraction or (0.1 if rule == "tail" else 0.0005)
+
+
 def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tuple:
     """Tokenize and split a memory-mapped corpus -> ({split: Dataset of ids}, the val split's rule)."""
-    rule = "random" if len(ds) >= cfg.random_split_min_documents else "tail"
-    rule = rule if cfg.val_split == "auto" else cfg.val_split
-    fraction = cfg.val_fraction or (0.1 if rule == "tail" else 0.0005)
+    rule, fraction = val_rule(cfg, len(ds))
     if rule == "tail":
         splits = tail_split(tokenize(ds, cfg, kwargs, "all", cache_dir), fraction)
     else:  # nanoGPT's: split the documents (shuffled, seed 2357), then tokenize each split

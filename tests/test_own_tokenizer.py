@@ -102,6 +102,13 @@ def test_a_stream_trains_the_tokenizer_on_its_first_tokenizer_sample_characters(
     merged = {t for t in open_dataset(out).tokenizer().get_vocab() if len(t) > 1 and not t.startswith("<|")}
     assert "Ġearly" in merged and all(set(t) <= set("Ġearly") for t in merged)  # none of "late": after the sample
     assert out.endswith("c_bpe")
+    # one split, held out from as the split will: the tail's text (val) and the random split's val documents unseen
+    (tmp_path / "d.jsonl").write_text(words("early") * 9 + words("late"))  # "late": the last 10% of the text
+    for rule, seen in (("tail", {"early"}), ("random", {"early", "late"})):
+        out = prepare(PrepareSettings(source=str(tmp_path / "d.jsonl"), tokenizer="bpe", vocab_size=300,
+                                      val_split=rule, val_fraction=0.1, out=str(tmp_path / rule)))
+        merged = {t for t in open_dataset(out).tokenizer().get_vocab() if len(t) > 2 and not t.startswith("<|")}
+        assert {w for w in ("early", "late") if f"Ġ{w}" in merged} == seen, (rule, merged)
 
 
 def test_training_on_a_trained_tokenizer_samples_and_finetunes_only_on_its_vocabulary(
