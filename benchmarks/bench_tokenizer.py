@@ -157,8 +157,7 @@ def bench_training(name: str, train: str, heldout: str, vocab_size: int, pattern
     print("| trainer | training s (wall) | CPU s | peak RSS MB | RSS before training MB | bytes/token (held out) "
           "| vocab |")
     print("|---|---|---|---|---|---|---|")
-    for k, rs in runs.items():
-        med = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+    for k, med in medians(runs).items():
         label = "ours (HF tokenizers, train_bpe)" if k == "ours" else "rustbpe 0.1.0 (nanochat)"
         print(f"| {label} | {med['seconds']:.2f} | {med['cpu_s']:.2f} | {med['peak_mb']:.0f} | "
               f"{med['before_mb']:.0f} | {med['bytes_per_token']:.4f} | {med['vocab']:.0f} |")
@@ -168,6 +167,10 @@ def bench_training(name: str, train: str, heldout: str, vocab_size: int, pattern
                           for key in ("seconds", "cpu_s", "bytes_per_token"))
         print(f"ours / rustbpe: wall time {wall[0] / wall[1]:.2f}x, CPU time {cpu[0] / cpu[1]:.2f}x, bytes per "
               f"token {bpt[0] / bpt[1] - 1:+.2%}")
+
+
+def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:  # {name: {figure: median over the runs}}
+    return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
 
 def run_prepare(corpus: str, out: str, *flags: str) -> dict:
@@ -210,8 +213,7 @@ def bench_encoding(tmp: str, corpus: str, repeats: int) -> None:
             runs[name].append(run_prepare(corpus, f"{tmp}/enc", f"--tokenizer={name}", "--num_proc=1"))
     print(f"prepare.py on {mb:.0f} MB, --num_proc=1, {repeats} runs each, medians:")
     print("| tokenizer | wall s | CPU s | prepare's own s | MB/s (own) | tokens |\n|---|---|---|---|---|---|")
-    for name, rs in runs.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+    for name, med in medians(runs).items():
         label = "gpt2 (tiktoken)" if name == "gpt2" else "DIR (the 32768-token BPE trained above)"
         print(f"| {label} | {med['wall']:.1f} | {med['cpu']:.1f} | {med['own']:.1f} | {mb / med['own']:.2f} | "
               f"{med['tokens']:,.0f} |")

@@ -41,6 +41,16 @@ def run_group(cmd: list[str], timeout: float, **kwargs):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps a process-wide singleton state: reset it after
+    the test (a module uses it with `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
     """A small character-level dataset prepared from the first 120 KB of the shipped Shakespeare."""

@@ -26,10 +26,7 @@ ODD_TEXTS = ["héllo wörld 🤗🦜 👨‍👩‍👧 世界你好 こんに�
              "<|endoftext|><|bos|> literal specials", "\ufeff\u200b\u00ad\U0010ffff"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,7 @@ def chance(name: str, docs: int) -> float:
     return {"hellaswag": 0.25, "arc_easy": arc, "winogrande": 0.5, "lambada_openai": 0.0}[name]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture
