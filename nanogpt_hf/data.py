@@ -5,7 +5,9 @@
 
 GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's openwebtext); char: ids into
 sorted(set(corpus)) (shakespeare_char); bpe: a byte-level BPE trained on the corpus, then its ids and <|endoftext|>;
-DIR: the tokenizer of a prepared dataset, model folder or Hub id, and its eos token. val: the corpus's own validation
+DIR: the tokenizer of a prepared dataset, model folder or Hub id, and its eos token. Conversations (a `messages`
+column): the ids of the tokenizer's chat template (ours added where it has none) and the mask of the tokens to learn.
+val: the corpus's own validation
 (else test) split where it has one, else the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of
 the documents, seed 2357 (openwebtext)."""
 
@@ -41,13 +43,14 @@ from fsspec.utils import glob_translate
 from huggingface_hub import DatasetCard
 from tqdm.auto import tqdm
 
+from .chat import CHAT_COLUMN, contents, encode_conversations, is_conversational, shakespeare_conversations
 from .common import UserError, atomic_output, first_line, is_hub_id, remove
 from .settings import parse_command, setting, validate
 from .tokenization import (GPT2_EOT, char_tokenizer_from_stoi, gpt2_encoding, gpt2_tokenizer,
-                           load_tokenizer, tokenizer_kind, train_bpe)
+                           load_tokenizer, tokenizer_kind, train_bpe, with_chat_template)
 
 META_FILE, META_FORMAT, META_VERSION = "meta.json", "nanogpt_hf.prepared", 1
-EMBEDDED = "shakespeare"
+EMBEDDED, EMBEDDED_CHAT = "shakespeare", "shakespeare_chat"  # the shipped plays, and conversations made of them
 EMBEDDED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shakespeare.jsonl.xz")
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT = ("string", "large_string")  # Arrow's text types
@@ -58,8 +61,9 @@ logging.getLogger("datasets.packaged_modules").setLevel(logging.ERROR + 1)  # a 
 
 @dataclasses.dataclass
 class PrepareSettings:
-    source: str = setting(EMBEDDED, "'shakespeare' (the embedded corpus), a .txt/.jsonl/.json/.parquet file, folder or "
-                          "glob, or a Hub id", path=True)
+    source: str = setting(EMBEDDED, "'shakespeare' (the embedded corpus) or 'shakespeare_chat' (conversations made of "
+                          "it), a .txt/.jsonl/.json/.parquet file, folder or glob, or a Hub id; a `messages` column of "
+                          "{role, content} turns makes it conversational (chat finetuning)", path=True)
     tokenizer: str = setting(  # a name, or where a tokenizer.json is: not one of fixed choices
         "gpt2", "gpt2 (tiktoken BPE, EOT 50256 after each document) | char (vocabulary = the corpus's characters) | "
         "bpe (a byte-level BPE trained on the corpus, <|endoftext|> after each document) | a prepared dataset, model "
@@ -176,8 +180,11 @@ def split_files(cfg: PrepareSettings, source: str, files: list[str]) -> dict[str
 def load_corpus(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -> dict:
     """{name: text column as a Dataset (an IterableDataset when streaming)}: the corpus's own train and val (its
     validation, else test) splits, or the one split for val_split to split (--split, or the only one it has)."""
-    source = EMBEDDED_PATH if cfg.source == EMBEDDED else os.path.expanduser(cfg.source)
-    if files is None:  # a Hub dataset: the given split, else all its splits
+    source = EMBEDDED_PATH if cfg.source in (EMBEDDED, EMBEDDED_CHAT) else os.path.expanduser(cfg.source)
+    if cfg.source == EMBEDDED_CHAT:
+        splits = datasets.Dataset.from_generator(shakespeare_conversations, gen_kwargs={"path": source},
+                                                 cache_dir=cache_dir)
+    elif files is None:  # a Hub dataset: the given split, else all its splits
         splits = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split or None, streaming=cfg.streaming)
     else:  # files, a folder with its own splits, a save_to_disk folder (split_files refuses a --subset it lacks)
         groups = split_files(cfg, source, files)
@@ -196,10 +203,12 @@ def load_corpus(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -
     if names[0] not in splits:
         missing = f"no split {names[0]!r}; " if names[0] else ""
         raise UserError(f"choose a split of '{cfg.source}' with --split ({missing}its splits: {', '.join(splits)})")
-    columns = {k: getattr(f, "dtype", "") in TEXT for k, f in (splits[names[0]].features or {}).items()}
-    if problem := _no_column(cfg.text_column, cfg.source, columns):  # (a stream's columns may be unknown: {})
+    features = splits[names[0]].features or {}  # (a stream's columns may be unknown: {})
+    columns = {k: getattr(f, "dtype", "") in TEXT for k, f in features.items()}
+    if not is_conversational(features) and (problem := _no_column(cfg.text_column, cfg.source, columns)):
         raise UserError(problem)
-    return {k: splits[k].select_columns([cfg.text_column]) for k in names}
+    return {k: splits[k].select_columns([CHAT_COLUMN if is_conversational(features) else cfg.text_column])
+            for k in names}
 
 
 def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
@@ -272,8 +281,11 @@ def naming_bad_files(files: list[str], column: str | None = None):
 
 
 def _texts(batch, column: str) -> list[str]:  # the functions datasets.map runs (maybe in workers) are module-level
-    """An Arrow batch's documents (a missing text is an empty document); UserError when they are not text."""
+    """An Arrow batch's documents (a missing text is an empty document; conversations: their messages' contents);
+    UserError when they are not text."""
     array = batch.column(column)
+    if column == CHAT_COLUMN:
+        return contents(array)
     if str(array.type) not in (*TEXT, "null"):
         raise UserError(f"column '{column}' holds {array.type}, not text; pick another --text_column")
     return [t or "" for t in array.to_pylist()]
@@ -293,9 +305,11 @@ def _backend(tokenizer_json: str):  # parsed once per process (datasets' map wor
 
 
 def tokenize_batch(batch, column: str, dtype: str, lut: np.ndarray | None = None, num_threads: int = 1,
-                   tokenizer: str | None = None, eot: int | None = GPT2_EOT):
+                   tokenizer: str | None = None, eot: int | None = GPT2_EOT, chat_tokenizer=None):
     """Arrow batch of texts -> ids: encode_ordinary + EOT (nanoGPT's process()), or by `lut` (code point -> id), or
-    by a tokenizer.json's text (Rust threads) + its `eot`."""
+    by a tokenizer.json's text (Rust threads) + its `eot`; conversations -> ids and mask, by the chat template."""
+    if chat_tokenizer is not None:
+        return encode_conversations(batch, column, dtype, chat_tokenizer)
     texts = _texts(batch, column)
     if lut is not None:
         codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
@@ -350,8 +364,18 @@ def reused_tokenizer(name: str):
 
 
 def tokenizing(cfg: PrepareSettings, parts) -> tuple:
-    """(the transformers tokenizer, tokenize_batch's kwargs); char: one pass over the text for its vocabulary; bpe:
-    one over the first tokenizer_sample characters of the train documents to train it."""
+    """(the transformers tokenizer, tokenize_batch's kwargs); conversations: the tokenizer with its chat template."""
+    tokenizer, kwargs = text_tokenizing(cfg, parts)
+    if cfg.text_column != CHAT_COLUMN:
+        return tokenizer, kwargs
+    tokenizer = with_chat_template(tokenizer, f"--tokenizer={cfg.tokenizer}")
+    return tokenizer, {"column": CHAT_COLUMN, "dtype": "uint16" if len(tokenizer) <= 1 << 16 else "uint32",
+                       "chat_tokenizer": tokenizer}
+
+
+def text_tokenizing(cfg: PrepareSettings, parts) -> tuple:
+    """tokenizing() for text; char: one pass over the text for its vocabulary; bpe: one over the first
+    tokenizer_sample characters of the train documents to train it."""
     if cfg.tokenizer == "char":
         return char_tokenizing(cfg, parts)
     if cfg.tokenizer == "bpe":
@@ -388,8 +412,9 @@ def char_tokenizing(cfg: PrepareSettings, parts, stoi: dict[str, int] | None = N
     return char_tokenizer_from_stoi(stoi), {"column": cfg.text_column, "dtype": dtype, "lut": lut}
 
 
-def ids_features(dtype: str):
-    return datasets.Features({"ids": datasets.LargeList(datasets.Value(dtype))})  # int64 offsets, see list_table
+def ids_features(dtype: str, chat: bool = False):  # int64 offsets, see list_table; conversations: the mask to learn
+    mask = {"mask": datasets.LargeList(datasets.Value("uint8"))} if chat else {}
+    return datasets.Features({"ids": datasets.LargeList(datasets.Value(dtype)), **mask})
 
 
 def tokenize(ds, cfg: PrepareSettings, kwargs: dict, name: str, cache_dir: str):
@@ -400,7 +425,7 @@ def tokenize(ds, cfg: PrepareSettings, kwargs: dict, name: str, cache_dir: str):
         kwargs = {**kwargs, "num_threads": max(1, (os.cpu_count() or 1) // num_proc)}
     return ds.with_format("arrow").map(
         tokenize_batch, fn_kwargs=kwargs, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
-        num_proc=num_proc if num_proc > 1 else None, features=ids_features(kwargs["dtype"]),
+        num_proc=num_proc if num_proc > 1 else None, features=ids_features(kwargs["dtype"], "chat_tokenizer" in kwargs),
         cache_file_name=os.path.join(cache_dir, f"tokens-{name}.arrow"),
         desc=f"Tokenizing {name} ({cfg.tokenizer}, num_proc={num_proc})").with_format(None)
 
@@ -425,10 +450,13 @@ def tail_split(ds, fraction: float) -> tuple:
 
 
 def val_rule(cfg: PrepareSettings, documents: int) -> tuple[str, float]:
-    """How val is held out of a corpus of one split, and how much: tail (of the tokens) or random (documents)."""
-    rule = "random" if documents >= cfg.random_split_min_documents else "tail"
-    rule = rule if cfg.val_split == "auto" else cfg.val_split
-    return rule, cfg.val_fraction or (0.1 if rule == "tail" else 0.0005)
+    """How val is held out of a corpus of one split, and how much: tail (of the tokens) or random (documents).
+    Conversations are held out whole, a tenth of them below random_split_min_documents."""
+    many, chat = documents >= cfg.random_split_min_documents, cfg.text_column == CHAT_COLUMN
+    rule = ("random" if many or chat else "tail") if cfg.val_split == "auto" else cfg.val_split
+    if chat and rule == "tail":
+        raise UserError("conversations are held out whole, at random: drop --val_split=tail")
+    return rule, cfg.val_fraction or (0.0005 if rule == "random" and (many or not chat) else 0.1)
 
 
 def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tuple:
@@ -447,7 +475,7 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, nam
     (default: val_fraction, else nanoGPT's 0.0005; 0: a corpus's own split)."""
     if cfg.val_split == "tail" and fraction is None:  # a stream is read once: its last tokens come too late
         raise UserError("--streaming splits documents at random; drop --val_split=tail (or --streaming)")
-    features, path = ids_features(kwargs["dtype"]), os.path.join(cache_dir, f"stream-{name}.arrow")
+    features, path = ids_features(kwargs["dtype"], "chat_tokenizer" in kwargs), os.path.join(cache_dir, f"stream-{name}.arrow")
     fraction = cfg.val_fraction or 0.0005 if fraction is None else fraction
     rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
@@ -498,9 +526,10 @@ def default_out(cfg: PrepareSettings) -> str:
 def prepare(cfg: PrepareSettings) -> str:
     """Prepare `cfg.source` into `cfg.out` (or the default folder) unless it is up to date; returns the folder."""
     out = default_out(validate(cfg))
-    if cfg.source == EMBEDDED and os.path.exists(EMBEDDED):  # the name stays the corpus train.py's default uses
-        print(f"'{EMBEDDED}' is the embedded corpus; for the local '{EMBEDDED}', pass ./{EMBEDDED}")
-    files = [EMBEDDED_PATH] if cfg.source == EMBEDDED else corpus_files(cfg.source, out)
+    embedded = cfg.source in (EMBEDDED, EMBEDDED_CHAT)
+    if embedded and os.path.exists(cfg.source):  # the name stays the corpus train.py's default uses
+        print(f"'{cfg.source}' is an embedded corpus; for the local '{cfg.source}', pass ./{cfg.source}")
+    files = [EMBEDDED_PATH] if embedded else corpus_files(cfg.source, out)
     inside = [f for f in files or [] if os.path.realpath(f).startswith(os.path.realpath(out) + os.sep)]
     if inside:  # the new dataset replaces the whole folder: the input would be deleted with the old one
         raise UserError(f"output folder '{out}' holds the input '{inside[0]}'; choose another --out")
@@ -521,6 +550,8 @@ def prepare(cfg: PrepareSettings) -> str:
         cache = os.path.join(tmp, "cache")  # datasets' work files, deleted before the folder is renamed into place
         os.makedirs(cache)
         parts = load_corpus(cfg, files, cache)  # one split, or the corpus's own train and val splits
+        if is_conversational(next(iter(parts.values())).features):  # rendered by a chat template
+            cfg = dataclasses.replace(cfg, text_column=CHAT_COLUMN)
         tokenizer, kwargs = tokenizing(cfg, parts.values())  # char: a first pass over the corpus for the vocabulary
         if len(parts) == 2:  # the corpus's own train and val splits
             splits = [split_stream(cfg, d, kwargs, cache, k, 0)[0]["train"] if cfg.streaming
@@ -532,14 +563,18 @@ def prepare(cfg: PrepareSettings) -> str:
         remove(cache)
         tokenizer.save_pretrained(tmp)
         stats = {k: {"documents": d.num_rows, "tokens": int(row_lengths(d).sum())} for k, d in splits.items()}
+        for k, d in splits.items() if "chat_tokenizer" in kwargs else ():  # conversations: the tokens to learn
+            stats[k]["learned"] = int(pc.sum(pc.list_flatten(d.data.column("mask"))).as_py() or 0)
         meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": tokenizer_kind(tokenizer), "splits": stats,
                 "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype,
                 "source": cfg.source, "hub_id": None if files else cfg.source, "fingerprint": key, "val_split": rule,
-                "eot_token": tokenizer.eos_token_id, "settings": dataclasses.asdict(cfg),
+                "eot_token": tokenizer.eos_token_id, "chat": "chat_tokenizer" in kwargs,
+                "settings": dataclasses.asdict(cfg),
                 "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2)
-    counts = "; ".join(f"{k}: {s['documents']:,} documents, {s['tokens']:,} tokens" for k, s in stats.items())
+    counts = "; ".join(f"{k}: {s['documents']:,} {'conversations' if meta['chat'] else 'documents'}, {s['tokens']:,} "
+                       f"tokens" + (f" ({s['learned']:,} to learn)" if meta["chat"] else "") for k, s in stats.items())
     print(f"prepared {cfg.source} -> {out} in {meta['seconds']:.1f} s ({cfg.tokenizer}, vocab {len(tokenizer)}); "
           + counts + (f"; val: the corpus's own {rule['split']} split" if rule["rule"] == "own" else ""))
     return out
@@ -573,10 +608,10 @@ def read_meta(path: str) -> dict:
 class TokenStream:
     """A split as one memory-mapped token stream: each Arrow record batch's ids are a zero-copy numpy view (chunk)."""
 
-    def __init__(self, path: str, split: str = "train"):
+    def __init__(self, path: str, split: str = "train", column: str = "ids"):
         self.meta, self.path, self.split = read_meta(path), path, split
         self._dataset = datasets.load_from_disk(os.path.join(path, split))  # keeps the memory maps alive
-        chunks = [c.flatten().to_numpy(zero_copy_only=True) for c in self._dataset.data.column("ids").chunks]
+        chunks = [c.flatten().to_numpy(zero_copy_only=True) for c in self._dataset.data.column(column).chunks]
         self.chunks = [c for c in chunks if len(c)]
         self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])  # (chunks + 1,): where each chunk starts
         self.salt = zlib.crc32(split.encode())  # train and val draw different windows from the same seed
@@ -594,6 +629,54 @@ class TokenStream:
             i, lo = i + 1, 0
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def sample_row(self, rng, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """x, y (T,): a random window (nanoGPT's get_batch), y the next token of each x."""
+        w = self.window(int(rng.integers(0, _room(self, block_size))), block_size + 1)
+        return w[:-1], w[1:]
+
+
+class Conversations:
+    """A conversational split: ids and the mask of the tokens to learn, per conversation. A training row is whole
+    conversations drawn at random, packed while they fit (the first one cut to the row), targets -100 where nothing
+    is learned; as in pretraining, attention runs across the conversations of a row (each starts with its bos)."""
+
+    def __init__(self, path: str, split: str = "train"):
+        self.ids, self.mask = TokenStream(path, split), TokenStream(path, split, "mask")
+        self.split, self.salt, self.pad = split, self.ids.salt, int(self.ids.meta["eot_token"] or 0)
+        self.starts = np.cumsum([0, *row_lengths(self.ids._dataset)])  # (conversations + 1,)
+        learned = np.concatenate([np.flatnonzero(c) + o for c, o in zip(self.mask.chunks, self.mask.offsets)]
+                                 + [[np.iinfo(np.int64).max]])  # positions to learn in the stream, then a sentinel
+        self.first = learned[np.searchsorted(learned, self.starts[:-1])] - self.starts[:-1]  # (conversations,)
+        self._learnable = (None, None)  # (block_size, the conversations with a token to learn within a row)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def learnable(self, block_size: int) -> np.ndarray:
+        """The conversations with a token to learn within a row of block_size + 1 (a target at 1..block_size)."""
+        if self._learnable[0] != block_size:
+            ok = (self.first >= 1) & (self.first <= block_size) & (self.first < np.diff(self.starts))
+            self._learnable = (block_size, np.flatnonzero(ok))
+        if not len(self._learnable[1]):
+            raise UserError(f"no conversation of the {self.split} split of {self.ids.path} has an assistant's token "
+                            f"within block_size + 1 = {block_size + 1} tokens: use a larger block_size")
+        return self._learnable[1]
+
+    def sample_row(self, rng, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """x, y (T,): conversations drawn until the next one does not fit, then right-padded."""
+        row = np.full((2, block_size + 1), [[self.pad], [-100]], dtype=np.int64)  # (ids, targets), right-padded
+        n, pick = 0, self.learnable(block_size)
+        while n <= block_size:
+            k = int(pick[rng.integers(0, len(pick))])
+            start, length = int(self.starts[k]), int(self.starts[k + 1] - self.starts[k])
+            if n and n + length > block_size + 1:
+                break
+            length = min(length, block_size + 1 - n)
+            row[0, n : n + length] = self.ids.window(start, length)
+            row[1, n : n + length] = np.where(self.mask.window(start, length) > 0, row[0, n : n + length], -100)
+            n += length
+        return row[0, :-1], row[1, 1:]
+
 
 class PreparedData:
     """A prepared folder (open_dataset(path)): its meta, a stream per split, its tokenizer."""
@@ -606,8 +689,8 @@ class PreparedData:
     def model_vocab_size(self) -> int:  # a BPE's padded to a multiple of 64 (nanoGPT's 50257 -> 50304), char's as is
         return self.vocab_size if self.tokenizer_kind == "char" else -(-self.vocab_size // 64) * 64
 
-    def stream(self, split: str) -> TokenStream:
-        return TokenStream(self.path, split)
+    def stream(self, split: str) -> TokenStream | Conversations:
+        return (Conversations if self.meta.get("chat") else TokenStream)(self.path, split)
 
     def tokenizer(self):
         return load_tokenizer(self.path)
@@ -622,7 +705,7 @@ def check_compatible(meta: dict, model_vocab_size: int, block_size: int,
     if meta["vocab_size"] > model_vocab_size:
         raise UserError(f"the dataset's vocabulary ({meta['vocab_size']} tokens) is larger than the model's "
                         f"vocab_size ({model_vocab_size}); {vocab_fix.format(needed=meta['vocab_size'])}")
-    for name, split in meta["splits"].items():
+    for name, split in meta["splits"].items() if not meta.get("chat") else ():  # conversations: padded rows
         if split["tokens"] < block_size + 1:
             raise UserError(f"the {name} split has {split['tokens']} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}; use a smaller block_size or more data")
@@ -669,12 +752,10 @@ class Mixture:
         return dict(zip(self.names, counts.tolist()))
 
 
-def _xy(streams: list[TokenStream], block_size: int, starts: np.ndarray):
-    """x, y (B, T) int64: the window of block_size + 1 tokens at starts[b] of streams[b]."""
-    w = np.empty((len(starts), block_size + 1), dtype=np.int64)  # one copy of each window, straight into int64
-    for row, (stream, start) in enumerate(zip(streams, starts)):
-        w[row] = stream.window(int(start), block_size + 1)
-    return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(w[:, 1:].copy())  # (B, T), (B, T)
+def _xy(rows: list[tuple[np.ndarray, np.ndarray]]):
+    """x, y (B, T) int64 tensors from the rows' (x, y)."""
+    x, y = (np.stack(r).astype(np.int64, copy=False) for r in zip(*rows))
+    return torch.from_numpy(x), torch.from_numpy(y)  # (B, T), (B, T)
 
 
 def _room(stream: TokenStream, block_size: int) -> int:  # how many windows the stream holds
@@ -688,16 +769,14 @@ def sample_batch(data: TokenStream | Mixture, *, seed: int, step: int, index: in
     (seed, step, index) is the same whichever process draws it, so any process count sees the same data."""
     mix = data if isinstance(data, Mixture) else Mixture([data])
     rng = np.random.default_rng([seed, mix.salt, 0, step, index])  # 0: training, 1: evaluation draws
-    sources = mix.draw(seed, step, index, batch_size, rng)  # (B,), then a start in each row's source
-    rooms = [_room(st, block_size) for st in mix.streams]
-    starts = rng.integers(0, np.take(rooms, sources))  # nanoGPT's get_batch, within the source
-    return _xy([mix.streams[k] for k in sources], block_size, starts)
+    sources = mix.draw(seed, step, index, batch_size, rng)  # (B,), then each row from its source
+    return _xy([mix.streams[k].sample_row(rng, block_size) for k in sources])
 
 
-def eval_batch(stream: TokenStream, *, seed: int, k: int, batch_size: int, block_size: int):
-    """Evaluation batch k: the same windows at every evaluation, so losses are comparable across steps."""
+def eval_batch(stream: TokenStream | Conversations, *, seed: int, k: int, batch_size: int, block_size: int):
+    """Evaluation batch k: the same rows at every evaluation, so losses are comparable across steps."""
     rng = np.random.default_rng([seed, stream.salt, 1, k])
-    return _xy([stream] * batch_size, block_size, rng.integers(0, _room(stream, block_size), size=batch_size))
+    return _xy([stream.sample_row(rng, block_size) for _ in range(batch_size)])
 
 
 def sequential_windows(stream: TokenStream, block_size: int, batch_size: int) -> Iterator[tuple]:
@@ -706,4 +785,4 @@ def sequential_windows(stream: TokenStream, block_size: int, batch_size: int) ->
     _room(stream, block_size)  # a split shorter than one window is refused
     for first in range(0, n, batch_size):
         starts = np.arange(first, min(first + batch_size, n)) * block_size
-        yield _xy([stream] * len(starts), block_size, starts)
+        yield _xy([(w[:-1], w[1:]) for w in (stream.window(int(i), block_size + 1) for i in starts)])

@@ -3,14 +3,17 @@
 GPT-2: the r50k ranks ship in assets/ (sha256-checked); data is prepared with tiktoken's encode_ordinary, as nanoGPT
 (only the EOT after each document is 50256); gpt2_tokenizer() maps a literal "<|endoftext|>" to 50256, as HF's gpt2.
 Characters: nanoGPT's shakespeare_char ids (index in sorted(set(text))), so a meta.pkl's stoi maps 1:1.
-Trained: a byte-level BPE on your corpus (nanochat's HF tokenizers recipe), ids 0..9 its special tokens."""
+Trained: a byte-level BPE on your corpus (nanochat's HF tokenizers recipe), ids 0..9 its special tokens.
+Chat: nanochat's turn tokens (GPT-2's in the padding from 50257, a trained BPE's reserved ones, a char vocabulary's
+appended) and CHAT_TEMPLATE, whose {% generation %} block lets transformers mark the assistant's tokens."""
 
 import functools
 import os
+import re
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -30,6 +33,18 @@ SPLIT_PATTERNS = {  # the regex that cuts text into words before BPE: GPT-2's, o
 }
 CHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",  # nanochat's,
                "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")  # for chat finetuning
+CHAT_TEMPLATE = (  # nanochat's rendering: bos, then turns; a system message opens the next user turn
+    "{%- set ns = namespace(system='') -%}{{- bos_token or '' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + message['content'] + '\n\n' -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}{%- set ns.system = '' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|assistant_start|>' -}}{% generation %}{{- message['content'] + '<|assistant_end|>' -}}{% endgeneration %}"
+    "{%- else -%}{{- raise_exception('a message has the role ' + message['role'] + '; use system, user or "
+    "assistant') -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}")
+END_OF_TURN = "<|assistant_end|>"
 
 
 @functools.cache
@@ -86,8 +101,26 @@ def train_bpe(texts, vocab_size: int, split_pattern: str = "gpt4") -> PreTrained
                                    clean_up_tokenization_spaces=False)
 
 
+def with_chat_template(tok, name: str = "the tokenizer"):
+    """`tok` with nanochat's turn tokens (those it lacks appended) and CHAT_TEMPLATE; a template of its own is kept
+    when it marks the assistant's turns with {% generation %}, and refused when it does not."""
+    if tok.chat_template and not re.search(r"{%-?\s*generation\s*-?%}", tok.chat_template):
+        raise UserError(f"the chat template of {name} has no {{% generation %}} block, so the assistant's tokens to "
+                        "learn cannot be found; use a tokenizer without a template (ours is added) or add the block")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS if t not in tok.get_vocab()],
+                   special_tokens=True)
+    tok.bos_token = tok.bos_token or CHAT_TOKENS[0]  # a char vocabulary has none: each conversation starts with one
+    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+    return tok
+
+
 def same_vocabulary(a, b) -> bool:  # the same token -> id map: the same ids mean the same text
     return a.get_vocab() == b.get_vocab()
+
+
+def extends(a, b) -> bool:  # a holds b's tokens at b's ids, and maybe more after them (chat tokens)
+    vocab = a.get_vocab()
+    return all(vocab.get(token) == i for token, i in b.get_vocab().items())
 
 
 def is_char_tokenizer(tok) -> bool:  # a WordLevel vocabulary of characters
@@ -110,7 +143,8 @@ def tokenizer_kind(tok) -> str:
     of its tokenizer.json in lower case ("bpe" for a trained one, "unigram", "wordpiece")."""
     if is_char_tokenizer(tok):
         return "char"
-    if len(tok) == GPT2_VOCAB_SIZE and tok.convert_tokens_to_ids(GPT2_EOT_TEXT) == GPT2_EOT:
+    sizes = (GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE + len(CHAT_TOKENS))  # with its chat tokens too
+    if len(tok) in sizes and tok.convert_tokens_to_ids(GPT2_EOT_TEXT) == GPT2_EOT:
         return "gpt2"
     if (model := getattr(getattr(tok, "backend_tokenizer", None), "model", None)) is None:
         raise UserError(f"tokenizer {type(tok).__name__} has no tokenizer.json (a slow tokenizer); use a fast one")

@@ -29,7 +29,7 @@ from .checkpoint import (Checkpointer, check_checkpoint, check_shared_out_dir, l
                          read_trainer_state, state_dirs)
 from .common import UserError, first_line, is_hub_id, own_work
 from .configuration_nanogpt import ARCHITECTURE as DECLARED, NanoGPTConfig
-from .data import Mixture, check_compatible, eval_batch, open_dataset, parse_mixture, sample_batch
+from .data import Conversations, Mixture, check_compatible, eval_batch, open_dataset, parse_mixture, sample_batch
 from .evaluation import Tasks, load_tasks, score_tasks, task_events, task_lines
 from .hardware import (compile_by_default, estimate_mfu, keep_freed_memory, peak_flops, resolve_device_type,
                        resolve_mixed_precision, training_attention)
@@ -37,6 +37,7 @@ from .hub import HubPusher, check_repo_id
 from .metrics import MetricsLog, perplexity, plot_losses
 from .modeling_nanogpt import NanoGPTForCausalLM
 from .settings import RECIPE_SUFFIXES, TrainSettings, parse_command, save_yaml
+from .tokenization import CHAT_TEMPLATE, END_OF_TURN
 
 DESCRIPTION = """Train a GPT (nanoGPT's train.py on accelerate). Settings: nanoGPT's defaults (its GPT-2 124M run), then
 RECIPE.yaml files (or nanoGPT's config/*.py), then --key=value; with no recipe, default.yaml (the shakespeare_char_cpu
@@ -306,10 +307,11 @@ def derive_batch(s: TrainSettings, processes: int) -> TrainSettings:
 
 
 def check_same_tokenizer(theirs, data, name: str, folder: str) -> None:
-    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (the same vocabulary)."""
-    from .tokenization import same_vocabulary, tokenizer_kind
+    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (the same vocabulary, or
+    one with tokens appended: chat finetuning's)."""
+    from .tokenization import extends, tokenizer_kind
 
-    if theirs is None or same_vocabulary(theirs, data.tokenizer()):  # saved without its tokenizer: nothing to compare
+    if theirs is None or extends(data.tokenizer(), theirs):  # saved without its tokenizer: nothing to compare
         return
     kind = tokenizer_kind(theirs)
     fix = f"prepare the dataset with --tokenizer={'gpt2' if kind == 'gpt2' else folder}"
@@ -339,6 +341,10 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) 
     else:
         model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
         check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'", s.init_from)
+        if data.vocab_size > model.config.vocab_size:  # tokens appended to its vocabulary (a chat template's)
+            log(f"{s.init_from}: the embeddings grow from {model.config.vocab_size} to {data.vocab_size} tokens, the "
+                "new rows initialised as the model's own")
+            model.resize_token_embeddings(data.vocab_size, mean_resizing=False)
         block_size = explicit.get("block_size", model.config.block_size)
         if block_size > model.config.block_size:
             raise UserError(f"block_size {block_size} is larger than the checkpoint's {model.config.block_size}: "
@@ -408,7 +414,7 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     for d in sources:
         check_compatible(d.meta, model.config.vocab_size, s.block_size,
                          vocab_fix="train on a dataset prepared with the model's tokenizer")
-    model.generation_config.eos_token_id = model.generation_config.bos_token_id = model.config.eos_token_id
+    generation_ends(model, data.tokenizer())
     model.set_attn_implementation(training_attention(device_type, accelerator.mixed_precision))  # not saved
     prepared, optimizers = prepare_model(accelerator, model, configure_optimizers(model.train(), s, device_type))
     compiled = s.compile if s.compile is not None else compile_by_default(device_type)
@@ -429,7 +435,7 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
     accelerator.print(f"model: {model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
                       f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
-                      f"compile {compiled}\ndata: {describe(streams['train'], sources)} ({data.tokenizer_kind}, "
+                      f"compile {compiled}\ndata: {describe(streams['train'], sources, s.block_size)} ({data.tokenizer_kind}, "
                       f"vocab {data.vocab_size}); "
                       f"tokens per iteration: {s.tokens_per_step:,} = "
                       f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block"
@@ -439,10 +445,22 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
     return run
 
 
-def describe(mix: Mixture, sources: list) -> str:  # "data/web" or "data/web x0.70 + data/code x0.30"
-    if len(sources) == 1:
-        return sources[0].path
-    return " + ".join(f"{d.path} x{w:.2f}" for d, w in zip(sources, mix.weights))
+def describe(mix: Mixture, sources: list, block_size: int) -> str:
+    """"data/web" or "data/web x0.70 + data/code x0.30"; conversations: how many, and how many are cut."""
+    names = [d.path if len(sources) == 1 else f"{d.path} x{w:.2f}" for d, w in zip(sources, mix.weights)]
+    for i, stream in enumerate(mix.streams):
+        if isinstance(stream, Conversations):
+            cut = int((np.diff(stream.starts) > block_size + 1).sum())
+            names[i] += f" ({len(stream):,} conversations, {cut:,} longer than block_size + 1: cut)"
+    return " + ".join(names)
+
+
+def generation_ends(model, tokenizer) -> None:
+    """Generation stops at eos, and at the end of an assistant's turn when the tokenizer has our chat template."""
+    turn = [tokenizer.convert_tokens_to_ids(END_OF_TURN)] if tokenizer.chat_template == CHAT_TEMPLATE else []
+    eos = [i for i in (model.config.eos_token_id, *turn) if i is not None]
+    model.generation_config.bos_token_id = model.config.eos_token_id
+    model.generation_config.eos_token_id = eos if len(eos) > 1 else (eos or [None])[0]
 
 
 def resume(run: Run, state: str, device_type: str) -> None:
@@ -492,8 +510,10 @@ def start_records(run: Run, sources: list) -> None:
         run.pusher = HubPusher(hub_id, private=s.hub_private, strategy=s.hub_strategy) if s.push_to_hub else None
     paths = {f.name for f in dataclasses.fields(TrainSettings) if f.metadata["path"]}
     card = {k: public(v) if k in paths else v for k, v in settings.items()}  # published: no local paths
-    init_from = card["init_from"]
+    init_from, chat = card["init_from"], sources[0].meta.get("chat")  # a chat model's card says so
     run.card = {"settings": card, "dataset": ", ".join(public(d.meta.get("source")) for d in sources),
+                "source": f"A chat model: {init_from} finetuned on conversations, the loss on the assistant's turns "
+                          "only." if chat else None, "tags": ["chat"] if chat else [],
                 "datasets": [d.meta["hub_id"] for d in sources if d.meta.get("hub_id")],
                 "repo_id": s.hub_model_id or None, "recipe": ", ".join(run.record["recipes"]) or None,
                 "base_model": init_from if init_from not in ("scratch", "resume") else None}
