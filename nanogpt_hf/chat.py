@@ -27,7 +27,7 @@ def is_conversational(features) -> bool:  # a `messages` column of turns
 def contents(array: pa.Array) -> list[str]:
     """Every message's content in an Arrow `messages` column (for a character vocabulary, or to train a BPE)."""
     turns = pc.list_flatten(array)
-    return [t or "" for t in turns.field("content").to_pylist()] if len(turns) else []
+    return [t or "" for t in pc.struct_field(turns, "content").to_pylist()] if len(turns) else []
 
 
 def encode_conversations(batch, column: str, dtype: str, chat_tokenizer) -> pa.Table:

@@ -224,9 +224,10 @@ def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
             kw = {"sample_by": "document"} if builder == "text" else {}
             parts.append(datasets.load_dataset(builder, data_files=group, split="train", cache_dir=cache_dir,
                                                streaming=cfg.streaming, **kw))
-    parts = [p.select_columns([cfg.text_column]) for p in parts]
-    if len(parts) > 1:  # pandas writes parquet text as large_string, the json and text builders string
-        parts = [p.cast_column(cfg.text_column, datasets.Value("large_string")) for p in parts]
+    column = CHAT_COLUMN if all(is_conversational(p.features) for p in parts) else cfg.text_column
+    parts = [p.select_columns([column]) for p in parts]
+    if len(parts) > 1 and column != CHAT_COLUMN:  # pandas writes parquet text as large_string, the json and text
+        parts = [p.cast_column(column, datasets.Value("large_string")) for p in parts]  # builders string
     return datasets.concatenate_datasets(parts)
 
 
@@ -259,7 +260,7 @@ def file_problem(path: str, column: str | None) -> str | None:
 
 def _no_column(column: str | None, where: str, columns: dict[str, bool]) -> str | None:
     """The missing `column` named, with the fix, for {column: holds text} (empty: not known), else None."""
-    if column is None or column in columns or not columns:
+    if column is None or column in columns or CHAT_COLUMN in columns or not columns:  # (or conversations)
         return None
     fix = next((f"; pass --text_column={k}" for k, is_text in columns.items() if is_text), "")
     return f"column '{column}' not in {where} (its columns: {', '.join(columns)}){fix}"

@@ -5,6 +5,7 @@ cut to its last 3/4 and re-prefilled (nanoGPT's tokens while prompt + max_new_to
 runs in the dtype itself, not autocast (decoding is memory-bound)."""
 
 import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ class SampleSettings:
     device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     dtype: str = setting("auto", "auto, bfloat16, float16 or float32 (auto: bf16 where supported, else fp32)")
     compile: bool = setting(False, "compile the decoding step (static KV cache + torch.compile; slow to start)")
+    chat: bool = setting(False, "chat in the terminal with a chat model: each line is your turn (--start the first), "
+                                "the reply streams until its end of turn; /reset starts over, an empty line quits")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -156,6 +159,45 @@ class Printer(TextStreamer):
         super().end()
 
 
+def chat_ids(tokenizer, messages: list[dict], room: int) -> list[int]:
+    """The conversation rendered for the assistant's reply, its oldest turns dropped until it fits in `room` tokens
+    (a single turn longer than that keeps its end)."""
+    while True:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        if len(ids["input_ids"]) <= room or len(messages) <= 1:
+            return ids["input_ids"][-room:]
+        messages = messages[2:] if len(messages) > 2 else messages[1:]  # a user turn and the reply to it
+
+
+def chat(model, tokenizer, s: SampleSettings, kwargs: dict, device) -> None:
+    """--chat: a conversation in the terminal, the history kept within the block (with room for the reply)."""
+    if not tokenizer.chat_template:
+        raise UserError(f"{s.out_dir if s.init_from == 'resume' else s.init_from} has no chat template: finetune it "
+                        "on conversations first (python train.py recipes/shakespeare_chat.yaml)")
+    ends = model.generation_config.eos_token_id
+    kwargs = {**kwargs, "eos_token_id": ends if isinstance(ends, list) else [ends]}  # the end of a turn (and eos)
+    room = block_size_of(model) - min(s.max_new_tokens, block_size_of(model) // 2)
+    messages, line = [], read_prompt(s.start).strip()
+    print("chat: an empty line quits, /reset starts a new conversation", file=sys.stderr)
+    for turn in itertools.count():
+        if not (line := line or sys.stdin.readline().strip()):  # an empty line, or the end of the input
+            return
+        if line == "/reset":
+            messages, line = [], ""
+            print("(a new conversation)")
+            continue
+        messages.append({"role": "user", "content": line})
+        torch.manual_seed(sample_seed(s.seed, turn))
+        streamer = Printer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        ids = torch.tensor([chat_ids(tokenizer, messages, room)], device=device)
+        new = generate_ids(model, ids, None, s.max_new_tokens, streamer=streamer, **kwargs)
+        streamer.finish()
+        print(f"\n{SEPARATOR}", flush=True)
+        reply = tokenizer.decode(until_eot(new[0].tolist(), kwargs["eos_token_id"]), skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+        line = ""
+
+
 def compile_kwargs(device: torch.device) -> dict:  # --compile: a static cache, one compiled decoding step
     config = CompileConfig(fullgraph=False, mode="default" if device.type == "cpu" else "reduce-overhead")
     config._compile_all_devices = device.type != "cuda"  # else transformers compiles on accelerators only
@@ -183,9 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("--stream prints one sample at a time; drop --batch (or --stream)")
     prompt = read_prompt(s.start)
     model, tokenizer, device = load(s)
-    ids = encode_prompt(tokenizer, prompt, block_size_of(model))
     kwargs = generation_kwargs(tokenizer, s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.greedy,
                                s.stop_at_eot)
+    if s.chat:
+        return chat(model, tokenizer, s, kwargs | (compile_kwargs(device) if s.compile else {}), device)
+    ids = encode_prompt(tokenizer, prompt, block_size_of(model))
     if s.stop_at_eot and not kwargs["eos_token_id"]:
         raise UserError("--stop_at_eot: this tokenizer has no end-of-text token (a character vocabulary has none)")
     kwargs.update(compile_kwargs(device) if s.compile else {})

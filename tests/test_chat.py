@@ -1,0 +1,249 @@
+"""Chat finetuning: conversations prepared with a chat template (masks as transformers computes them), the loss on the
+assistant's tokens, exact resume and 2 processes, pipeline with messages without the package, sample.py --chat, and
+exports that keep the template."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_processes_env, free_port
+
+from nanogpt_hf.cli import train_main
+from nanogpt_hf.data import Conversations, PrepareSettings, open_dataset, prepare, sample_batch
+from nanogpt_hf.modeling_nanogpt import NanoGPTConfig, NanoGPTForCausalLM
+from nanogpt_hf.tokenization import CHAT_TOKENS, END_OF_TURN, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--eval_iters=2",
+        "--log_interval=1", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2", "--dtype=float32",
+        "--device=cpu", "--compile=false", "--sample_at_end=false", "--dropout=0.0", "--weight_decay=0.0"]
+WORDS = ["thou", "art", "fair", "émigré", "日本語", "🙂", "naïve", "good", "morrow", "\n"]
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """System prompts, one to three exchanges, unicode, and an empty assistant turn now and then."""
+    rng, out = random.Random(seed), []
+    for i in range(n):
+        turns = [{"role": "system", "content": f"be brief, {rng.choice(WORDS)}"}] if i % 3 == 0 else []
+        for k in range(1 + i % 3):
+            turns.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))})
+            reply = "" if (i + k) % 7 == 0 else " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))
+            turns.append({"role": "assistant", "content": reply})
+        out.append(turns)
+    return out
+
+
+def write_jsonl(path, convs) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """chats.jsonl (80 conversations) prepared with GPT-2's BPE, a trained BPE and a character vocabulary reused from
+    a base corpus (base_char); echo.jsonl, whose assistant always answers "yes", with a character vocabulary."""
+    root = tmp_path_factory.mktemp("chat")
+    convs = conversations(80)
+    source = write_jsonl(root / "chats.jsonl", convs)
+    (root / "base.txt").write_text(" ".join(t["content"] for c in convs for t in c) * 20 + "\n\n", encoding="utf-8")
+    out = {"convs": convs, "base_char": prepare(PrepareSettings(source=str(root / "base.txt"), tokenizer="char",
+                                                                out=str(root / "base_char")))}
+    for name, tokenizer in (("gpt2", "gpt2"), ("bpe", "bpe"), ("char", out["base_char"])):
+        out[name] = prepare(PrepareSettings(source=source, tokenizer=tokenizer, vocab_size=300, out=str(root / name)))
+    rng = random.Random(1)
+    echo = [[{"role": "user", "content": " ".join(rng.choices(WORDS[:5], k=rng.randint(1, 5)))},
+             {"role": "assistant", "content": "yes"}] for _ in range(100)]
+    out["echo"] = prepare(PrepareSettings(source=write_jsonl(root / "echo.jsonl", echo), tokenizer="char",
+                                          out=str(root / "echo")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def echo_model(chats, tmp_path_factory):
+    """A tiny chat model trained from scratch on echo: it answers "yes" and ends its turn."""
+    out = tmp_path_factory.mktemp("echo") / "model"
+    assert train_main([f"--dataset={chats['echo']}", f"--out_dir={out}", "--max_iters=60", "--eval_interval=60",
+                       *TINY]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe", "char"])
+def test_masks_equal_transformers_and_cover_the_assistant_turns(chats, kind):
+    tok = load_tokenizer(chats[kind])
+    rows = []
+    for split in ("train", "val"):
+        ds = datasets.load_from_disk(os.path.join(chats[kind], split))
+        rows += [(tuple(r["ids"]), tuple(r["mask"])) for r in ds]
+    expected = []
+    for conv in chats["convs"]:
+        out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        expected.append((tuple(out["input_ids"]), tuple(out["assistant_masks"])))
+        # what is learned: each assistant turn's content and its end of turn, nothing else
+        learned = tok.decode([i for i, m in zip(*expected[-1]) if m])
+        assert learned == "".join(t["content"] + END_OF_TURN for t in conv if t["role"] == "assistant")
+        assert tok.decode(expected[-1][0], skip_special_tokens=True).replace("\n\n", "") == "".join(
+            t["content"] for t in conv).replace("\n\n", "")  # every message's text, in order, round-trips
+    assert sorted(rows) == sorted(expected)
+    ids = tok.convert_tokens_to_ids(list(CHAT_TOKENS))
+    base = {"gpt2": 50257, "bpe": 1, "char": len(load_tokenizer(chats["base_char"]))}[kind]
+    assert ids == list(range(base, base + len(CHAT_TOKENS)))  # GPT-2's padding, the reserved ids, appended
+    assert open_dataset(chats[kind]).model_vocab_size == {"gpt2": 50304, "bpe": 320, "char": base + 9}[kind]
+
+
+def test_the_loss_is_the_masked_cross_entropy_and_rows_are_whole_conversations(chats):
+    stream = open_dataset(chats["char"]).stream("train")
+    assert isinstance(stream, Conversations)
+    tok = load_tokenizer(chats["char"])
+    x, y = sample_batch(stream, seed=3, step=5, index=1, batch_size=4, block_size=64)
+    x2, y2 = sample_batch(stream, seed=3, step=5, index=1, batch_size=4, block_size=64)
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # a pure function of (seed, step, index)
+    assert (x[:, 0] == tok.bos_token_id).all()  # each row starts a conversation
+    assert ((y[:, :-1] == -100) | (y[:, :-1] == x[:, 1:])).all()  # targets are the next tokens, or ignored
+    assert 0 < (y != -100).sum() < y.numel()
+    torch.manual_seed(0)
+    model = NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=len(tok)))
+    logits = model(input_ids=x).logits  # (B, T, V)
+    keep = y != -100
+    direct = F.cross_entropy(logits[keep], y[keep])
+    torch.testing.assert_close(model(input_ids=x, shift_labels=y).loss, direct)
+
+
+def sft_args(chats, out, *extra):
+    return [f"--dataset={chats['char']}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=4",
+            "--gradient_accumulation_steps=2", *TINY, *extra]
+
+
+def events(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [{k: v for k, v in e.items() if k not in ("ms_per_iter", "tokens_per_s", "mfu")}
+                for e in map(json.loads, fh) if e["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def base_model(chats, tmp_path_factory):
+    """A base model pretrained for 4 steps on base_char (65-odd characters, no chat tokens)."""
+    out = tmp_path_factory.mktemp("base") / "model"
+    assert train_main([f"--dataset={chats['base_char']}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=4",
+                       *TINY]) == 0
+    return str(out)
+
+
+def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, tmp_path, capsys):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_main(sft_args(chats, straight, f"--init_from={base_model}")) == 0
+    out = capsys.readouterr().out
+    assert "the embeddings grow from" in out and "conversations" in out
+    base_vocab = len(load_tokenizer(base_model))
+    model = NanoGPTForCausalLM.from_pretrained(straight)
+    assert model.config.vocab_size == base_vocab + len(CHAT_TOKENS)
+    tok = load_tokenizer(straight)
+    assert tok.chat_template and model.generation_config.eos_token_id == tok.convert_tokens_to_ids(END_OF_TURN)
+    card = (straight / "README.md").read_text()
+    assert "A chat model:" in card and "finetuned on conversations" in card and "- chat" in card
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    for line in proc.stdout:
+        if line.startswith("iter 6:"):  # the newest state: step 4
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+    watchdog.cancel()
+    assert proc.wait() == -signal.SIGKILL
+    assert train_main(sft_args(chats, killed, "--init_from=resume")) == 0
+    assert events(killed, "eval") == events(straight, "eval")
+    assert events(killed, "train") == events(straight, "train")
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_on_two_processes_equals_one_process(chats, base_model, tmp_path):
+    env = cpu_processes_env()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    args = [a for a in sft_args(chats, "", f"--init_from={base_model}", "--max_iters=4", "--backend=gloo")
+            if not a.startswith("--out_dir")]
+    runs = {"two": launch, "one": [sys.executable]}
+    for name, prefix in runs.items():
+        res = subprocess.run([*prefix, os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / name}"],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    two, one = events(tmp_path / "two", "train"), events(tmp_path / "one", "train")
+    assert len(two) == 4 and [e["loss"] for e in two] == pytest.approx([e["loss"] for e in one], abs=1e-5)
+    assert events(tmp_path / "two", "eval")[-1]["val_loss"] == pytest.approx(
+        events(tmp_path / "one", "eval")[-1]["val_loss"], abs=1e-5)
+
+
+def test_pipeline_with_messages_without_the_package(echo_model, tmp_path):
+    code = f"""
+import sys
+from transformers import pipeline
+chat = pipeline("text-generation", model={echo_model!r}, trust_remote_code=True)
+assert "nanogpt_hf" not in sys.modules, "the package was imported"
+out = chat([{{"role": "user", "content": "good morrow"}}], max_new_tokens=20, do_sample=False)
+reply = out[0]["generated_text"][-1]
+print("REPLY", reply["role"], repr(reply["content"]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "REPLY assistant 'yes'" in res.stdout  # the reply, stopped at its end of turn
+
+
+def test_sample_chat_through_stdin(echo_model):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={echo_model}", "--chat",
+                          "--greedy", "--start=art thou fair", "--max_new_tokens=20", "--device=cpu"],
+                         input="good morrow\n/reset\nthou\n\nnever read\n", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    replies = [part.strip() for part in res.stdout.split("---------------")]
+    assert replies == ["yes", "yes", "(a new conversation)\nyes", ""], res.stdout  # the empty line ended it
+
+
+def test_sample_chat_refuses_a_model_without_a_template(base_model):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={base_model}", "--chat"],
+                         input="hello\n", capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "no chat template" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", ["export-gpt2", "export-nanochat"])
+def test_exports_keep_the_chat_template(echo_model, tmp_path, command):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from nanogpt_hf.nanochat import NANOCHAT
+
+    source = echo_model
+    if command == "export-nanochat":  # nanochat's architecture, with the echo model's tokenizer and generation config
+        source, echo = tmp_path / "modern", NanoGPTForCausalLM.from_pretrained(echo_model)
+        switches = {k: v for k, v in NANOCHAT.items() if v is not ...}
+        model = NanoGPTForCausalLM(NanoGPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                                 vocab_size=echo.config.vocab_size, **switches))
+        model.generation_config = echo.generation_config
+        model.save_pretrained(source)
+        load_tokenizer(echo_model).save_pretrained(source)
+    res = subprocess.run([sys.executable, "-m", "nanogpt_hf.cli", command, str(source), str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ours, theirs = AutoTokenizer.from_pretrained(echo_model), AutoTokenizer.from_pretrained(tmp_path / "out")
+    conv = [{"role": "user", "content": "good morrow"}, {"role": "assistant", "content": "yes"}]
+    assert theirs.apply_chat_template(conv, return_dict=True, return_assistant_tokens_mask=True) == \
+        ours.apply_chat_template(conv, return_dict=True, return_assistant_tokens_mask=True)
+    ends = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
+    assert ends == GenerationConfig.from_pretrained(echo_model).eos_token_id
+    assert ends == theirs.convert_tokens_to_ids(END_OF_TURN)  # a character vocabulary has no eos: the turn's end
