@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import lzma
 import re
+import sys
 from typing import Iterator
 
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 CHAT_COLUMN = "messages"
 SPEECH = re.compile(r"([A-Z][A-Z' &-]*[A-Z])\.\n(.+)", re.S)  # "HELENA.\nAnd you, monarch!": speaker, speech
@@ -24,18 +24,23 @@ def is_conversational(features) -> bool:  # a `messages` column of turns
     return isinstance((features or {}).get(CHAT_COLUMN), (datasets.List, datasets.LargeList, list))
 
 
+def conversations(array: pa.Array) -> list[list[dict]]:
+    """An Arrow `messages` column as lists of dicts (datasets stores turns of differing keys as JSON text)."""
+    return [[json.loads(t) if isinstance(t, str) else t for t in turns or []] for turns in array.to_pylist()]
+
+
 def contents(array: pa.Array) -> list[str]:
     """Every message's content in an Arrow `messages` column (for a character vocabulary, or to train a BPE)."""
-    turns = pc.list_flatten(array)
-    return [t or "" for t in pc.struct_field(turns, "content").to_pylist()] if len(turns) else []
+    return [t.get("content") or "" for turns in conversations(array) for t in turns]
 
 
 def encode_conversations(batch, column: str, dtype: str, chat_tokenizer) -> pa.Table:
     """Arrow batch of conversations -> ids and mask (1: a token to learn) per conversation, from the tokenizer's chat
     template with return_assistant_tokens_mask (its {% generation %} block marks the assistant's tokens)."""
+    chat_tokenizer.model_max_length = sys.maxsize  # conversations are cut to the block when training, not here
     rows = [chat_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                return_assistant_tokens_mask=True)
-            for messages in batch.column(column).to_pylist()]
+            for messages in conversations(batch.column(column))]
     offsets = pa.array(np.cumsum([0] + [len(r["input_ids"]) for r in rows], dtype=np.int64))
     ids = np.fromiter((i for r in rows for i in r["input_ids"]), dtype=dtype)
     mask = np.fromiter((m for r in rows for m in r["assistant_masks"]), dtype=np.uint8, count=len(ids))

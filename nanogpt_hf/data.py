@@ -55,6 +55,7 @@ EMBEDDED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT = ("string", "large_string")  # Arrow's text types
 WILDCARD = re.compile(r"[*?\[]")
+PACK_TRIES = 8  # conversations drawn that do not fit in what is left of a training row before it is padded
 MAP_BATCH = 1000  # documents per map batch (and rows per Arrow record batch that save_to_disk writes)
 logging.getLogger("datasets.packaged_modules").setLevel(logging.ERROR + 1)  # a bad file's log: naming_bad_files says it
 
@@ -638,8 +639,9 @@ class TokenStream:
 
 class Conversations:
     """A conversational split: ids and the mask of the tokens to learn, per conversation. A training row is whole
-    conversations drawn at random, packed while they fit (the first one cut to the row), targets -100 where nothing
-    is learned; as in pretraining, attention runs across the conversations of a row (each starts with its bos)."""
+    conversations drawn at random, packed while they fit (the first one cut to the row; PACK_TRIES draws that do not
+    fit end it), targets -100 where nothing is learned; as in pretraining (and nanochat's SFT), attention runs across
+    the conversations of a row, each starting with its bos."""
 
     def __init__(self, path: str, split: str = "train"):
         self.ids, self.mask = TokenStream(path, split), TokenStream(path, split, "mask")
@@ -666,12 +668,13 @@ class Conversations:
     def sample_row(self, rng, block_size: int) -> tuple[np.ndarray, np.ndarray]:
         """x, y (T,): conversations drawn until the next one does not fit, then right-padded."""
         row = np.full((2, block_size + 1), [[self.pad], [-100]], dtype=np.int64)  # (ids, targets), right-padded
-        n, pick = 0, self.learnable(block_size)
-        while n <= block_size:
+        n, misses, pick = 0, 0, self.learnable(block_size)
+        while n <= block_size and misses < PACK_TRIES:
             k = int(pick[rng.integers(0, len(pick))])
             start, length = int(self.starts[k]), int(self.starts[k + 1] - self.starts[k])
             if n and n + length > block_size + 1:
-                break
+                misses += 1
+                continue
             length = min(length, block_size + 1 - n)
             row[0, n : n + length] = self.ids.window(start, length)
             row[1, n : n + length] = np.where(self.mask.window(start, length) > 0, row[0, n : n + length], -100)

@@ -44,7 +44,8 @@ RECIPE.yaml files (or nanoGPT's config/*.py), then --key=value; with no recipe, 
 demo on the shipped corpus), whose values the defaults below show. Tokens per optimizer step = batch_size x
 gradient_accumulation_steps x block_size, whatever the number of processes (each takes 1/N of the step's rows)."""
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "default.yaml")
-EMBEDDED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # prepared from the shipped corpus on use
+EMBEDDED_DATASETS = {"shakespeare_char": ("shakespeare", "char"), "shakespeare": ("shakespeare", "gpt2"),  # prepared
+                     "shakespeare_chat": ("shakespeare_chat", "gpt2")}  # from the shipped corpus on first use
 ARCHITECTURE = [k for k in DECLARED if k != "dropout"]  # the settings that shape the model: a resume keeps them
 
 
@@ -267,12 +268,12 @@ def resolve_dataset(dataset: str, data_dir: str, accelerator) -> str:
     """The prepared folder for `dataset` (a path, or a name under data_dir); the embedded corpora are prepared on
     first use, by the main process."""
     path = dataset if os.path.exists(dataset) or os.sep in dataset else os.path.join(data_dir, dataset)
-    kind = EMBEDDED_DATASETS.get(os.path.basename(os.path.normpath(dataset)))
+    embedded = EMBEDDED_DATASETS.get(os.path.basename(os.path.normpath(dataset)))
     with accelerator.main_process_first():
-        if kind and accelerator.is_main_process and not os.path.isfile(os.path.join(path, "meta.json")):
+        if embedded and accelerator.is_main_process and not os.path.isfile(os.path.join(path, "meta.json")):
             from .data import PrepareSettings, prepare
 
-            prepare(PrepareSettings(source="shakespeare", tokenizer=kind, out=path))
+            prepare(PrepareSettings(source=embedded[0], tokenizer=embedded[1], out=path))
     return path
 
 
@@ -760,6 +761,9 @@ def print_sample(out_dir: str, max_new_tokens: int = 300, device: str = "cpu") -
     from .sampling import generate_text
 
     model, tokenizer = load_pretrained(out_dir)
+    if tokenizer.chat_template:  # a chat model
+        print(f"chat with it: python sample.py --out_dir={out_dir} --chat")
+        return
     start = "\n" if tokenizer("\n")["input_ids"] else tokenizer.decode([0])  # a corpus without newlines
     text = generate_text(model.to(device), tokenizer, start, max_new_tokens=max_new_tokens, stop_at_eot=True)
     print(f"---------- sample from {out_dir} ----------{text}\n" + "-" * 40)

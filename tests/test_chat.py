@@ -247,3 +247,16 @@ def test_exports_keep_the_chat_template(echo_model, tmp_path, command):
     ends = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
     assert ends == GenerationConfig.from_pretrained(echo_model).eos_token_id
     assert ends == theirs.convert_tokens_to_ids(END_OF_TURN)  # a character vocabulary has no eos: the turn's end
+
+
+@pytest.mark.parametrize("bad, says", [({"role": "tool", "content": "x"}, "a message has the role tool"),
+                                       ({"role": "user"}, "has no attribute 'content'")])
+def test_a_conversation_the_template_cannot_render_is_one_line(tmp_path, capsys, bad, says):
+    from nanogpt_hf.cli import prepare_main
+
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    source = write_jsonl(tmp_path / "chats.jsonl", [good] * 12 + [[good[0], bad]])
+    assert prepare_main([source, f"--out={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "out").exists()
