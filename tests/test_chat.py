@@ -260,3 +260,18 @@ def test_a_conversation_the_template_cannot_render_is_one_line(tmp_path, capsys,
     err = capsys.readouterr().err.strip()  # (in-process, datasets' progress bars come first)
     assert err.splitlines()[-1].startswith("error: ") and says in err.splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_history_keeps_to_the_block(chats):
+    from nanogpt_hf.sampling import chat_ids
+
+    tok = load_tokenizer(chats["gpt2"])
+    messages = [{"role": r, "content": f"turn {i} " * 5} for i, r in enumerate(["user", "assistant"] * 6 + ["user"])]
+    whole = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert chat_ids(tok, messages, len(whole)) == whole  # it fits: all of it
+    ids = chat_ids(tok, messages, 60)  # the oldest exchanges dropped, whole, until it fits
+    assert len(ids) <= 60 and ids[0] == tok.bos_token_id and "turn 12" in tok.decode(ids)
+    kept = tok.decode(ids)
+    assert "turn 0 " not in kept and tok.decode(ids).count("<|user_start|>") == kept.count("<|user_end|>")
+    last = tok.apply_chat_template(messages[-1:], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert chat_ids(tok, messages[-1:], 5) == last[-5:]  # one turn longer than the room: its end
