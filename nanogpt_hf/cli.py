@@ -21,12 +21,10 @@ from .common import UserError
 def library_errors() -> tuple[type[BaseException], ...]:
     import yaml
     from datasets.exceptions import DatasetsError
-    from jinja2 import TemplateError
     from safetensors import SafetensorError
 
-    # OSError: missing files, permissions, a full disk, every huggingface_hub error; ValueError: bad JSON, config values;
-    # TemplateError: a conversation that a chat template cannot render (a role it does not know, a turn without content)
-    return OSError, ValueError, yaml.YAMLError, SafetensorError, DatasetsError, TemplateError
+    # OSError: missing files, permissions, a full disk, every huggingface_hub error; ValueError: bad JSON, config values
+    return OSError, ValueError, yaml.YAMLError, SafetensorError, DatasetsError
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

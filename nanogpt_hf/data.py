@@ -7,9 +7,9 @@ GPT-2: tiktoken encode_ordinary per document, then EOT 50256 (nanoGPT's openwebt
 sorted(set(corpus)) (shakespeare_char); bpe: a byte-level BPE trained on the corpus, then its ids and <|endoftext|>;
 DIR: the tokenizer of a prepared dataset, model folder or Hub id, and its eos token. Conversations (a `messages`
 column): the ids of the tokenizer's chat template (ours added where it has none) and the mask of the tokens to learn.
-val: the corpus's own validation
-(else test) split where it has one, else the last 10% of the tokens (shakespeare), or from 100k documents on 0.0005 of
-the documents, seed 2357 (openwebtext)."""
+val: the corpus's own validation (else test) split where it has one, else the last 10% of the tokens (shakespeare),
+or from 100k documents on 0.0005 of the documents, seed 2357 (openwebtext); conversations are held out whole, at
+random (a tenth of them below 100k)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import lzma
 import math
 import os
 import re
+import sys
 import time
 import zlib
 from typing import Iterator, Literal
@@ -206,10 +207,10 @@ def load_corpus(cfg: PrepareSettings, files: list[str] | None, cache_dir: str) -
         raise UserError(f"choose a split of '{cfg.source}' with --split ({missing}its splits: {', '.join(splits)})")
     features = splits[names[0]].features or {}  # (a stream's columns may be unknown: {})
     columns = {k: getattr(f, "dtype", "") in TEXT for k, f in features.items()}
-    if not is_conversational(features) and (problem := _no_column(cfg.text_column, cfg.source, columns)):
+    chat = is_conversational(features, cfg.text_column)
+    if not chat and (problem := _no_column(cfg.text_column, cfg.source, columns)):
         raise UserError(problem)
-    return {k: splits[k].select_columns([CHAT_COLUMN if is_conversational(features) else cfg.text_column])
-            for k in names}
+    return {k: splits[k].select_columns([CHAT_COLUMN if chat else cfg.text_column]) for k in names}
 
 
 def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
@@ -225,7 +226,7 @@ def load_files(cfg: PrepareSettings, files: list[str], cache_dir: str):
             kw = {"sample_by": "document"} if builder == "text" else {}
             parts.append(datasets.load_dataset(builder, data_files=group, split="train", cache_dir=cache_dir,
                                                streaming=cfg.streaming, **kw))
-    column = CHAT_COLUMN if all(is_conversational(p.features) for p in parts) else cfg.text_column
+    column = CHAT_COLUMN if all(is_conversational(p.features, cfg.text_column) for p in parts) else cfg.text_column
     parts = [p.select_columns([column]) for p in parts]
     if len(parts) > 1 and column != CHAT_COLUMN:  # pandas writes parquet text as large_string, the json and text
         parts = [p.cast_column(column, datasets.Value("large_string")) for p in parts]  # builders string
@@ -307,11 +308,11 @@ def _backend(tokenizer_json: str):  # parsed once per process (datasets' map wor
 
 
 def tokenize_batch(batch, column: str, dtype: str, lut: np.ndarray | None = None, num_threads: int = 1,
-                   tokenizer: str | None = None, eot: int | None = GPT2_EOT, chat_tokenizer=None):
+                   tokenizer: str | None = None, eot: int | None = GPT2_EOT, chat_tokenizer=None, features=None):
     """Arrow batch of texts -> ids: encode_ordinary + EOT (nanoGPT's process()), or by `lut` (code point -> id), or
     by a tokenizer.json's text (Rust threads) + its `eot`; conversations -> ids and mask, by the chat template."""
     if chat_tokenizer is not None:
-        return encode_conversations(batch, column, dtype, chat_tokenizer)
+        return encode_conversations(batch, column, dtype, chat_tokenizer, features)
     texts = _texts(batch, column)
     if lut is not None:
         codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
@@ -371,8 +372,9 @@ def tokenizing(cfg: PrepareSettings, parts) -> tuple:
     if cfg.text_column != CHAT_COLUMN:
         return tokenizer, kwargs
     tokenizer = with_chat_template(tokenizer, f"--tokenizer={cfg.tokenizer}")
+    tokenizer.model_max_length = sys.maxsize  # conversations are cut to the block when training, not here
     return tokenizer, {"column": CHAT_COLUMN, "dtype": "uint16" if len(tokenizer) <= 1 << 16 else "uint32",
-                       "chat_tokenizer": tokenizer}
+                       "chat_tokenizer": tokenizer, "features": next(iter(parts)).features}
 
 
 def text_tokenizing(cfg: PrepareSettings, parts) -> tuple:
@@ -404,6 +406,7 @@ def char_tokenizing(cfg: PrepareSettings, parts, stoi: dict[str, int] | None = N
         chars.update("".join(_texts(batch, cfg.text_column)))
     if not chars:
         raise UserError(f"the corpus '{cfg.source}' is empty (its documents hold no text)")
+    chars |= {"\n"} if cfg.text_column == CHAT_COLUMN else set()  # the chat template's, before a system message
     if stoi is not None and (unknown := chars - stoi.keys()):
         raise UserError(f"character {min(unknown)!r} of the corpus is not in the vocabulary of {cfg.tokenizer}; "
                         "prepare with --tokenizer=char (or with a vocabulary that holds it)")
@@ -427,7 +430,7 @@ def tokenize(ds, cfg: PrepareSettings, kwargs: dict, name: str, cache_dir: str):
         kwargs = {**kwargs, "num_threads": max(1, (os.cpu_count() or 1) // num_proc)}
     return ds.with_format("arrow").map(
         tokenize_batch, fn_kwargs=kwargs, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
-        num_proc=num_proc if num_proc > 1 else None, features=ids_features(kwargs["dtype"], "chat_tokenizer" in kwargs),
+        num_proc=num_proc if num_proc > 1 else None, features=ids_features(kwargs["dtype"], cfg.text_column == CHAT_COLUMN),
         cache_file_name=os.path.join(cache_dir, f"tokens-{name}.arrow"),
         desc=f"Tokenizing {name} ({cfg.tokenizer}, num_proc={num_proc})").with_format(None)
 
@@ -458,7 +461,8 @@ def val_rule(cfg: PrepareSettings, documents: int) -> tuple[str, float]:
     rule = ("random" if many or chat else "tail") if cfg.val_split == "auto" else cfg.val_split
     if chat and rule == "tail":
         raise UserError("conversations are held out whole, at random: drop --val_split=tail")
-    return rule, cfg.val_fraction or (0.0005 if rule == "random" and (many or not chat) else 0.1)
+    few_conversations = chat and not many
+    return rule, cfg.val_fraction or (0.1 if rule == "tail" or few_conversations else 0.0005)
 
 
 def split_dataset(cfg: PrepareSettings, ds, kwargs: dict, cache_dir: str) -> tuple:
@@ -477,7 +481,8 @@ def split_stream(cfg: PrepareSettings, stream, kwargs: dict, cache_dir: str, nam
     (default: val_fraction, else nanoGPT's 0.0005; 0: a corpus's own split)."""
     if cfg.val_split == "tail" and fraction is None:  # a stream is read once: its last tokens come too late
         raise UserError("--streaming splits documents at random; drop --val_split=tail (or --streaming)")
-    features, path = ids_features(kwargs["dtype"], "chat_tokenizer" in kwargs), os.path.join(cache_dir, f"stream-{name}.arrow")
+    features = ids_features(kwargs["dtype"], cfg.text_column == CHAT_COLUMN)
+    path = os.path.join(cache_dir, f"stream-{name}.arrow")
     fraction = cfg.val_fraction or 0.0005 if fraction is None else fraction
     rng, val = np.random.default_rng(cfg.seed), [features.arrow_schema.empty_table()]
     with ArrowWriter(features=features, path=path) as writer:
@@ -565,18 +570,19 @@ def prepare(cfg: PrepareSettings) -> str:
         remove(cache)
         tokenizer.save_pretrained(tmp)
         stats = {k: {"documents": d.num_rows, "tokens": int(row_lengths(d).sum())} for k, d in splits.items()}
-        for k, d in splits.items() if "chat_tokenizer" in kwargs else ():  # conversations: the tokens to learn
+        chat = cfg.text_column == CHAT_COLUMN
+        for k, d in splits.items() if chat else ():  # conversations: the tokens to learn
             stats[k]["learned"] = int(pc.sum(pc.list_flatten(d.data.column("mask"))).as_py() or 0)
         meta = {"format": META_FORMAT, "version": META_VERSION, "tokenizer": tokenizer_kind(tokenizer), "splits": stats,
                 "vocab_size": len(tokenizer), "dtype": splits["train"].features["ids"].feature.dtype,
                 "source": cfg.source, "hub_id": None if files else cfg.source, "fingerprint": key, "val_split": rule,
-                "eot_token": tokenizer.eos_token_id, "chat": "chat_tokenizer" in kwargs,
+                "eot_token": tokenizer.eos_token_id, "chat": chat,
                 "settings": dataclasses.asdict(cfg),
                 "seconds": round(time.time() - t0, 3)}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2)
-    counts = "; ".join(f"{k}: {s['documents']:,} {'conversations' if meta['chat'] else 'documents'}, {s['tokens']:,} "
-                       f"tokens" + (f" ({s['learned']:,} to learn)" if meta["chat"] else "") for k, s in stats.items())
+    counts = "; ".join(f"{k}: {s['documents']:,} {'conversations' if chat else 'documents'}, {s['tokens']:,} tokens"
+                       + (f" ({s['learned']:,} to learn)" if chat else "") for k, s in stats.items())
     print(f"prepared {cfg.source} -> {out} in {meta['seconds']:.1f} s ({cfg.tokenizer}, vocab {len(tokenizer)}); "
           + counts + (f"; val: the corpus's own {rule['split']} split" if rule["rule"] == "own" else ""))
     return out
@@ -666,7 +672,7 @@ class Conversations:
         return self._learnable[1]
 
     def sample_row(self, rng, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """x, y (T,): conversations drawn until the next one does not fit, then right-padded."""
+        """x, y (T,): conversations drawn while they fit (PACK_TRIES misses end the row), then right-padded."""
         row = np.full((2, block_size + 1), [[self.pad], [-100]], dtype=np.int64)  # (ids, targets), right-padded
         n, misses, pick = 0, 0, self.learnable(block_size)
         while n <= block_size and misses < PACK_TRIES:
@@ -757,8 +763,10 @@ class Mixture:
 
 
 def _xy(rows: list[tuple[np.ndarray, np.ndarray]]):
-    """x, y (B, T) int64 tensors from the rows' (x, y)."""
-    x, y = (np.stack(r).astype(np.int64, copy=False) for r in zip(*rows))
+    """x, y (B, T) int64 tensors from the rows' (x, y): one copy of each, straight into int64."""
+    x, y = np.empty((2, len(rows), len(rows[0][0])), dtype=np.int64)
+    for i, (row_x, row_y) in enumerate(rows):
+        x[i], y[i] = row_x, row_y
     return torch.from_numpy(x), torch.from_numpy(y)  # (B, T), (B, T)
 
 

@@ -104,13 +104,15 @@ def train_bpe(texts, vocab_size: int, split_pattern: str = "gpt4") -> PreTrained
 def with_chat_template(tok, name: str = "the tokenizer"):
     """`tok` with nanochat's turn tokens (those it lacks appended) and CHAT_TEMPLATE; a template of its own is kept
     when it marks the assistant's turns with {% generation %}, and refused when it does not."""
-    if tok.chat_template and not re.search(r"{%-?\s*generation\s*-?%}", tok.chat_template):
-        raise UserError(f"the chat template of {name} has no {{% generation %}} block, so the assistant's tokens to "
-                        "learn cannot be found; use a tokenizer without a template (ours is added) or add the block")
+    if tok.chat_template:  # its own
+        if not re.search(r"{%-?\s*generation\s*-?%}", tok.chat_template):
+            raise UserError(f"the chat template of {name} has no {{% generation %}} block, so the assistant's tokens "
+                            "to learn cannot be found; use a tokenizer without a template (ours is added) or add it")
+        return tok
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS if t not in tok.get_vocab()],
                    special_tokens=True)
     tok.bos_token = tok.bos_token or CHAT_TOKENS[0]  # a char vocabulary has none: each conversation starts with one
-    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 

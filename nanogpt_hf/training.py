@@ -107,18 +107,21 @@ def prepare_model(accelerator, model, optimizers: list):
 
 def train_step(accelerator, model, optimizers: list, micro_batches, lrs: list[float],
                grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this process's micro-batches (x, y), nanoGPT style: each loss divided by their number,
-    gradients synchronised on the last one only, clipped, each optimizer at its lr. Returns the mean loss and the
-    gradient's norm before clipping, without a sync."""
+    """One optimizer step over this process's micro-batches (x, y), nanoGPT style: gradients synchronised on the last
+    one only, clipped, each optimizer at its lr. The loss is the mean over the step's targets on all processes (y's
+    -100s ignored: a conversation's unlearned tokens), so any split into micro-batches and processes gives the same
+    step. Returns this process's share of the loss and the gradient's norm before clipping, without a sync."""
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     for optimizer, lr in zip(optimizers, lrs, strict=True):
         for group in optimizer.param_groups:
             group["lr"] = lr  # set by hand: a prepared scheduler would step once per process
+    targets = accelerator.reduce(sum((y != -100).sum() for _, y in micro_batches), reduction="sum")  # all processes'
+    per_process = targets / accelerator.num_processes  # DDP averages the processes' gradients
     total = torch.zeros((), device=accelerator.device)
     for i, (x, y) in enumerate(micro_batches):
         with accelerator.no_sync(model) if i < n - 1 else contextlib.nullcontext(), accelerator.autocast():
-            loss = model(input_ids=x, shift_labels=y, use_cache=False).loss / n
+            loss = model(input_ids=x, shift_labels=y, use_cache=False, num_items_in_batch=per_process).loss
         accelerator.backward(loss)
         total += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0.0 else math.inf)
@@ -343,9 +346,9 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) 
         model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
         check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'", s.init_from)
         if data.vocab_size > model.config.vocab_size:  # tokens appended to its vocabulary (a chat template's)
-            log(f"{s.init_from}: the embeddings grow from {model.config.vocab_size} to {data.vocab_size} tokens, the "
-                "new rows initialised as the model's own")
-            model.resize_token_embeddings(data.vocab_size, mean_resizing=False)
+            log(f"{s.init_from}: the embeddings grow from {model.config.vocab_size} to {data.model_vocab_size} "
+                "tokens, the new rows initialised as the model's own")
+            model.resize_token_embeddings(data.model_vocab_size, mean_resizing=False)
         block_size = explicit.get("block_size", model.config.block_size)
         if block_size > model.config.block_size:
             raise UserError(f"block_size {block_size} is larger than the checkpoint's {model.config.block_size}: "
@@ -461,7 +464,7 @@ def generation_ends(model, tokenizer) -> None:
     turn = [tokenizer.convert_tokens_to_ids(END_OF_TURN)] if tokenizer.chat_template == CHAT_TEMPLATE else []
     eos = [i for i in (model.config.eos_token_id, *turn) if i is not None]
     model.generation_config.bos_token_id = model.config.eos_token_id
-    model.generation_config.eos_token_id = eos if len(eos) > 1 else (eos or [None])[0]
+    model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos or None
 
 
 def resume(run: Run, state: str, device_type: str) -> None:
@@ -513,13 +516,17 @@ def start_records(run: Run, sources: list) -> None:
     card = {k: public(v) if k in paths else v for k, v in settings.items()}  # published: no local paths
     init_from, chat = card["init_from"], sources[0].meta.get("chat")  # a chat model's card says so
     run.card = {"settings": card, "dataset": ", ".join(public(d.meta.get("source")) for d in sources),
-                "source": f"A chat model: {init_from} finetuned on conversations, the loss on the assistant's turns "
-                          "only." if chat else None, "tags": ["chat"] if chat else [],
+                "source": chat_source(init_from) if chat else None, "tags": ["chat"] if chat else [],
                 "datasets": [d.meta["hub_id"] for d in sources if d.meta.get("hub_id")],
                 "repo_id": s.hub_model_id or None, "recipe": ", ".join(run.record["recipes"]) or None,
                 "base_model": init_from if init_from not in ("scratch", "resume") else None}
     run.peak = peak_flops(run.accelerator.device, run.accelerator.mixed_precision)
     run.t_log = time.perf_counter()
+
+
+def chat_source(init_from: str) -> str:  # the model card's sentence on a chat model
+    base = "trained from scratch" if init_from == "scratch" else f"finetuned from {init_from}"
+    return f"A chat model, {base} on conversations: the loss on the assistant's turns only."
 
 
 def public(value: str | None) -> str | None:

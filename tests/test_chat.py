@@ -150,7 +150,7 @@ def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, t
     tok = load_tokenizer(straight)
     assert tok.chat_template and model.generation_config.eos_token_id == tok.convert_tokens_to_ids(END_OF_TURN)
     card = (straight / "README.md").read_text()
-    assert "A chat model:" in card and "finetuned on conversations" in card and "- chat" in card
+    assert f"A chat model, finetuned from {os.path.basename(base_model)} on conversations" in card and "- chat" in card
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -170,6 +170,7 @@ def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, t
 
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (killed / "README.md").read_text() == card.replace("straight", "killed")  # the same base, once resumed
 
 
 def test_sft_on_two_processes_equals_one_process(chats, base_model, tmp_path):
@@ -177,8 +178,9 @@ def test_sft_on_two_processes_equals_one_process(chats, base_model, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-    args = [a for a in sft_args(chats, "", f"--init_from={base_model}", "--max_iters=4", "--backend=gloo")
-            if not a.startswith("--out_dir")]
+    # one micro-batch of 4 rows per step: each process takes 2 rows, with other counts of tokens to learn
+    args = [a for a in sft_args(chats, "", f"--init_from={base_model}", "--max_iters=4", "--backend=gloo",
+                                "--gradient_accumulation_steps=1") if not a.startswith("--out_dir")]
     runs = {"two": launch, "one": [sys.executable]}
     for name, prefix in runs.items():
         res = subprocess.run([*prefix, os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / name}"],
