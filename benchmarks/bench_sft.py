@@ -31,8 +31,9 @@ def padding(stream, block_size: int, rows: int) -> dict[str, float]:
     x, y = zip(*(sample_batch(stream, seed=0, step=i, index=0, batch_size=8, block_size=block_size)
                  for i in range(rows // 8)))
     lengths = np.minimum(np.diff(stream.starts)[stream.learnable(block_size)], block_size + 1) - 1  # inputs per row
-    pad = int(stream.ids.meta["eot_token"])
-    packed_pad = float(np.mean([((a == pad) & (b == -100)).float().mean() for a, b in zip(x, y)]))
+    pad = int(stream.ids.meta["eot_token"])  # also each conversation's bos: only a row's tail is padding
+    tails = [block_size - 1 - max(np.flatnonzero(row != pad)) for batch in x for row in batch.numpy()]
+    packed_pad = float(np.mean(tails)) / block_size
     return {"packed_pad": packed_pad, "packed_learned": float(np.mean([(b != -100).float().mean() for b in y])),
             "one_per_row_pad": 1 - float(lengths.mean()) / block_size}
 

@@ -430,7 +430,8 @@ def tokenize(ds, cfg: PrepareSettings, kwargs: dict, name: str, cache_dir: str):
         kwargs = {**kwargs, "num_threads": max(1, (os.cpu_count() or 1) // num_proc)}
     return ds.with_format("arrow").map(
         tokenize_batch, fn_kwargs=kwargs, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
-        num_proc=num_proc if num_proc > 1 else None, features=ids_features(kwargs["dtype"], cfg.text_column == CHAT_COLUMN),
+        num_proc=num_proc if num_proc > 1 else None,
+        features=ids_features(kwargs["dtype"], cfg.text_column == CHAT_COLUMN),
         cache_file_name=os.path.join(cache_dir, f"tokens-{name}.arrow"),
         desc=f"Tokenizing {name} ({cfg.tokenizer}, num_proc={num_proc})").with_format(None)
 

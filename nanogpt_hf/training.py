@@ -439,8 +439,8 @@ def setup(s: TrainSettings, explicit: dict, recipes: list[str]) -> Run:
         torch.manual_seed(s.seed + accelerator.process_index)  # dropout differs per process, as in nanoGPT
     accelerator.print(f"model: {model.get_num_params() / 1e6:.2f}M parameters; device {accelerator.device}, "
                       f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
-                      f"compile {compiled}\ndata: {describe(streams['train'], sources, s.block_size)} ({data.tokenizer_kind}, "
-                      f"vocab {data.vocab_size}); "
+                      f"compile {compiled}\ndata: {describe(streams['train'], sources, s.block_size)} "
+                      f"({data.tokenizer_kind}, vocab {data.vocab_size}); "
                       f"tokens per iteration: {s.tokens_per_step:,} = "
                       f"{s.batch_size} batch x {s.gradient_accumulation_steps} micro-batches x {s.block_size} block"
                       + (" (micro-batches from total_batch_size)" if s.total_batch_size else ""))

@@ -277,3 +277,35 @@ def test_chat_history_keeps_to_the_block(chats):
     assert "turn 0 " not in kept and tok.decode(ids).count("<|user_start|>") == kept.count("<|user_end|>")
     last = tok.apply_chat_template(messages[-1:], add_generation_prompt=True, return_dict=True)["input_ids"]
     assert chat_ids(tok, messages[-1:], 5) == last[-5:]  # one turn longer than the room: its end
+
+
+def test_our_template_renders_nanochats_format_and_a_foreign_one_needs_generation():
+    from nanogpt_hf.common import UserError
+    from nanogpt_hf.tokenization import char_tokenizer, gpt2_tokenizer, with_chat_template
+
+    tok = with_chat_template(char_tokenizer("abehiosty \n"))
+    conv = [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}]
+    ids = tok.apply_chat_template(conv, return_dict=True)["input_ids"]
+    assert tok.decode(ids) == "<|bos|><|user_start|>be\n\nhi<|user_end|><|assistant_start|>yo<|assistant_end|>"
+    gpt2 = with_chat_template(gpt2_tokenizer())  # documents follow <|endoftext|>: a conversation starts with it
+    assert gpt2.apply_chat_template(conv[1:], return_dict=True)["input_ids"][:2] == [50256, 50258]
+    foreign = gpt2_tokenizer()
+    foreign.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(UserError, match="no {% generation %} block"):
+        with_chat_template(foreign)
+    foreign.chat_template = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    assert with_chat_template(foreign).chat_template == foreign.chat_template and len(foreign) == 50257  # kept as is
+
+
+def test_the_shakespeare_demo_set_alternates_speeches_of_a_scene():
+    from nanogpt_hf.chat import shakespeare_conversations
+    from nanogpt_hf.data import EMBEDDED_PATH
+
+    convs = list(shakespeare_conversations(EMBEDDED_PATH))
+    assert len(convs) > 5000
+    first, second = convs[0]["messages"], convs[1]["messages"]
+    assert [t["role"] for t in first] == ["user", "assistant", "user", "assistant"]
+    assert first[0]["content"] == "In delivering my son from me, I bury a second husband."  # the COUNTESS, then BERTRAM
+    assert second[0] == {"role": "system", "content": "All's Well That Ends Well: LAFEU, COUNTESS"}
+    assert all(c["messages"][-1]["role"] == "assistant" for c in convs)
