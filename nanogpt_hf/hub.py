@@ -66,10 +66,14 @@ def write_model_card(folder: str, info: dict) -> None:
         training += ["", "## Loss curve", "", "![training and validation loss](loss.png)"]
     how, register = HOW_TO_LOAD[config.model_type]
     prompt = "ROMEO:" if config.vocab_size < 50257 else "Hello, I'm a language model,"  # characters, or GPT-2 BPE
+    chat = os.path.isfile(os.path.join(folder, "chat_template.jinja"))  # a chat model: messages in, the reply out
     card = Path(CARD).read_text(encoding="utf-8").format(
+        prompt=[{"role": "user", "content": prompt}] if chat else prompt,
+        output='[0]["generated_text"][-1]["content"]' if chat else '[0]["generated_text"]',
         metadata=data.to_yaml(), title=info.get("title") or info.get("repo_id") or "nanoGPT model",
-        how=how.format(ref=ref), register=register, ref=ref, prompt=prompt,
-        new_tokens=max(1, min(100, config.max_position_embeddings - len(prompt.encode()))),  # pipeline does not slide
+        how=how.format(ref=ref), register=register, ref=ref,
+        new_tokens=max(1, min(100, config.max_position_embeddings - len(prompt.encode()) - 4 * chat)),  # pipeline
+        # does not slide; a chat prompt has 4 tokens more (bos, the turn's start and end, the reply's start)
         architecture="\n".join(f"| {k} | {v} |" for k, v in arch.items()), training="\n".join(training))
     ModelCard(card).save(os.path.join(folder, "README.md"))
 

@@ -151,6 +151,7 @@ def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, t
     assert tok.chat_template and model.generation_config.eos_token_id == tok.convert_tokens_to_ids(END_OF_TURN)
     card = (straight / "README.md").read_text()
     assert f"A chat model, finetuned from {os.path.basename(base_model)} on conversations" in card and "- chat" in card
+    assert """generator([{'role': 'user', 'content': 'ROMEO:'}], max_new_tokens=54)[0]["generated_text"][-1]""" in card
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
