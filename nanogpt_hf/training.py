@@ -310,13 +310,13 @@ def derive_batch(s: TrainSettings, processes: int) -> TrainSettings:
     return s
 
 
-def check_same_tokenizer(theirs, data, name: str, folder: str) -> None:
-    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (the same vocabulary, or
-    one with tokens appended: chat finetuning's)."""
-    from .tokenization import extends, tokenizer_kind
+def check_same_tokenizer(theirs, data, name: str, folder: str, appended: bool = False) -> None:
+    """Finetuning and resuming: the dataset's ids must mean what the checkpoint's ids mean (the same vocabulary; when
+    finetuning, `appended`, it may have tokens appended: a chat template's)."""
+    from .tokenization import extends, same_vocabulary, tokenizer_kind
 
-    if theirs is None or extends(data.tokenizer(), theirs):  # saved without its tokenizer: nothing to compare
-        return
+    if theirs is None or (extends if appended else same_vocabulary)(data.tokenizer(), theirs):  # (None: no tokenizer
+        return  # saved with the checkpoint, nothing to compare)
     kind = tokenizer_kind(theirs)
     fix = f"prepare the dataset with --tokenizer={'gpt2' if kind == 'gpt2' else folder}"
     if kind != data.tokenizer_kind:
@@ -344,7 +344,7 @@ def build_model(s: TrainSettings, state: str | None, data, explicit: dict, log) 
         model = NanoGPTForCausalLM(NanoGPTConfig.from_pretrained(state, dropout=s.dropout))
     else:
         model, tokenizer = load_pretrained(s.init_from, dropout=s.dropout)
-        check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'", s.init_from)
+        check_same_tokenizer(tokenizer, data, f"init_from '{s.init_from}'", s.init_from, appended=True)
         if data.vocab_size > model.config.vocab_size:  # tokens appended to its vocabulary (a chat template's)
             log(f"{s.init_from}: the embeddings grow from {model.config.vocab_size} to {data.model_vocab_size} "
                 "tokens, the new rows initialised as the model's own")
