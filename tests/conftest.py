@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -6,6 +7,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread, here and in every subprocess: the tiny test models run several times faster on one thread than on
+# two that contend for a small machine's cores (a test of the thread setting itself sets the count it needs).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported by a plugin before this file: the variable came too late for this process
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def free_port() -> int:
