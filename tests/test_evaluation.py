@@ -4,7 +4,6 @@ tests/test_lm_eval.py checks the figures against the harness's own `hf` model.""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
