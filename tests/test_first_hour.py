@@ -100,6 +100,7 @@ def test_a_log_file_gets_log_lines_not_progress_bar_redraws(char_data, tmp_path)
 
 def test_threads_setting(char_data, tmp_path):
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs on one thread (conftest): from two, the setting has to change it
     try:
         assert train(tiny(char_data, tmp_path, max_iters=1, eval_interval=1, threads=1)) == 0
         assert torch.get_num_threads() == 1
