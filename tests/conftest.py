@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 
@@ -6,6 +7,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread, here and in every subprocess: the tiny test models run several times faster on one thread than on
+# two that contend for a small machine's cores (a test of the thread setting itself sets the count it needs).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported by a plugin before this file: the variable came too late for this process
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def free_port() -> int:
@@ -27,18 +33,37 @@ def cpu_processes_env(base: dict | None = None, **extra) -> dict:
 def run_group(cmd: list[str], timeout: float, **kwargs):
     """subprocess.run in a session of its own: on timeout (a hung collective), the launcher's worker processes are
     killed with it instead of outliving the test."""
-    import signal
-    import subprocess
+    with InBackground(cmd, timeout, **kwargs) as run:
+        pass
+    return run.result
 
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+class InBackground:
+    """run_group's command, running while the test works on inside the with-block (on the core the command leaves);
+    `.result`, its CompletedProcess, after the block. A block that fails kills the command's session."""
+
+    def __init__(self, cmd: list[str], timeout: float, **kwargs):
+        self.cmd, self.timeout, self.kwargs = cmd, timeout, kwargs
+
+    def __enter__(self):
+        import subprocess
+
+        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, **self.kwargs)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import signal
+        import subprocess
+
+        try:
+            if exc_type is None:
+                out, err = self.proc.communicate(timeout=self.timeout)
+                self.result = subprocess.CompletedProcess(self.cmd, self.proc.returncode, out, err)
+        finally:
+            if self.proc.poll() is None:  # the block failed, or the command ran past its timeout
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.communicate()
 
 
 @pytest.fixture

@@ -4,13 +4,12 @@ tests/test_lm_eval.py checks the figures against the harness's own `hf` model.""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import cpu_processes_env, free_port
+from conftest import InBackground, cpu_processes_env, free_port
 from harness_tasks import HELLASWAG, write_tasks
 
 from nanogpt_hf import cli
@@ -98,10 +97,11 @@ def test_two_processes_give_the_figures_of_one(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-    two = subprocess.run(launch + [str(script), tasks], env=env, capture_output=True, text=True, timeout=300)
+    with InBackground(launch + [str(script), tasks], timeout=300, env=env) as launched:  # meanwhile, one process here
+        one = score_tasks(tiny_model(50304, 24), gpt2_tokenizer(), Tasks(load_tasks(tasks)), Accelerator(cpu=True))
+    two = launched.result
     assert two.returncode == 0, two.stderr[-3000:]
     two = json.loads(two.stdout.strip().splitlines()[-1])
-    one = score_tasks(tiny_model(50304, 24), gpt2_tokenizer(), Tasks(load_tasks(tasks)), Accelerator(cpu=True))
     assert two["results"].keys() == one["results"].keys() == {"hellaswag", "arc_easy", "winogrande", "lambada_openai"}
     for name, figures in one["results"].items():
         assert two["results"][name] == pytest.approx(figures, rel=1e-6), name

@@ -74,26 +74,33 @@ def test_a_new_run_over_a_finished_run_is_refused_and_keeps_its_model(char_data,
 
 @pytest.mark.slow
 def test_a_log_file_gets_log_lines_not_progress_bar_redraws(char_data, tmp_path):
+    env, run = dict(os.environ, HF_HUB_OFFLINE="1"), tmp_path / "run"
+    (tmp_path / "corpus.jsonl").write_text('{"text": "To be, or not to be: that is the question."}\n' * 200)
+    prepare = [os.path.join(ROOT, "prepare.py"), str(tmp_path / "corpus.jsonl")]
+    commands = [[*prepare, f"--out={tmp_path / 'data'}"], [  # datasets', ours (char: 2 passes), transformers'
+        *prepare, f"--out={tmp_path / 'data_char'}", "--tokenizer=char", "--streaming"], [
+        "-m", "nanogpt_hf.cli", "export-gpt2", str(run), str(tmp_path / "gpt2")]]
+    preparing = [subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                 for command in commands[:2]]  # beside the training run: independent of it
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={char_data}",
-                          f"--out_dir={tmp_path}", "--max_iters=40", "--eval_interval=40", "--log_interval=10",
+                          f"--out_dir={run}", "--max_iters=40", "--eval_interval=40", "--log_interval=10",
                           "--eval_iters=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
                           "--device=cpu", "--sample_at_end=false"],
-                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                         capture_output=True, text=True, env=env)
+    outputs = [p.communicate(timeout=300) for p in preparing]
     assert res.returncode == 0, res.stderr[-2000:]
     assert "it/s" not in res.stderr and "training:" not in res.stderr, res.stderr[-2000:]  # text=True: no \r left
     assert [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("iter")] == [
         "iter 10", "iter 20", "iter 30", "iter 40"]
-    (tmp_path / "corpus.jsonl").write_text('{"text": "To be, or not to be: that is the question."}\n' * 200)
-    prepare = [os.path.join(ROOT, "prepare.py"), str(tmp_path / "corpus.jsonl")]
-    for command in [*prepare, f"--out={tmp_path / 'data'}"], [  # datasets', ours (char: 2 passes), transformers'
-            *prepare, f"--out={tmp_path / 'data_char'}", "--tokenizer=char", "--streaming"], [
-            "-m", "nanogpt_hf.cli", "export-gpt2", str(tmp_path), str(tmp_path / "gpt2")]:
-        res = subprocess.run([sys.executable, *command], capture_output=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    results = [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(preparing, outputs)]
+    results.append(subprocess.run([sys.executable, *commands[2]], capture_output=True, env=env))  # the run's model
+    for res in results:
         assert res.returncode == 0 and b"\r" not in res.stderr and b"/s]" not in res.stderr, res.stderr[-2000:]
 
 
 def test_threads_setting(char_data, tmp_path):
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs on one thread (conftest): from two, the setting has to change it
     try:
         assert train(tiny(char_data, tmp_path, max_iters=1, eval_interval=1, threads=1)) == 0
         assert torch.get_num_threads() == 1

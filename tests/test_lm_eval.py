@@ -7,7 +7,6 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 import lm_eval
 from accelerate import Accelerator
+from conftest import InBackground
 from harness_tasks import CONFIGS, write_tasks
 
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
@@ -94,18 +94,20 @@ def test_lm_eval_command_on_a_gpt2_bpe_checkpoint(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     os.makedirs(tmp_path / "harness")
     tasks = Tasks(load_tasks(",".join(write_tasks(tmp_path / "harness"))))
-    ours = score_tasks(model, tokenizer, tasks, Accelerator(cpu=True))
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={tmp_path / 'ckpt'},trust_remote_code=True", "--tasks", ",".join([*TASKS, *CONFIGS]),
            "--include_path", write_tiny_tasks(tmp_path), "--device", "cpu", "--batch_size", "4",
            "--output_path", str(tmp_path / "results"), "--log_samples"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    with InBackground(cmd, timeout=600, cwd=tmp_path, env=env) as lm_eval_run:  # meanwhile, our figures here
+        ours = score_tasks(model, tokenizer, tasks, Accelerator(cpu=True))
+        want = expected(model, tokenizer, prefix=GPT2_EOT)  # bos = eos = <|endoftext|>
+    run = lm_eval_run.result
     assert run.returncode == 0, run.stderr[-3000:]
     (path,) = glob.glob(str(tmp_path / "results" / "**" / "results_*.json"), recursive=True)
     with open(path) as fh:
         theirs = json.load(fh)["results"]
-    check(theirs, expected(model, tokenizer, prefix=GPT2_EOT))  # bos = eos = <|endoftext|>
+    check(theirs, want)
     for name in CONFIGS:  # every figure, and every request's log-likelihood and is_greedy
         assert {f"{k},none": v for k, v in ours["results"][name].items() if k != "examples"} == pytest.approx(
             {k: v for k, v in theirs[name].items() if k.endswith(",none") and "stderr" not in k}, rel=1e-6), name

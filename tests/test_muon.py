@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -173,15 +174,22 @@ def test_muon_on_two_processes_killed_and_resumed_matches_one(char_data, tmp_pat
                 "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", script]
     (tmp_path / "hooked_train.py").write_text(HOOKED)
-    rc, stdout = run_until(launch(str(tmp_path / "hooked_train.py")) + argv(char_data, tmp_path / "two", **kw),
-                           lambda line: line.startswith("PAUSED"), kill_tree, log_path=tmp_path / "stderr.txt",
-                           env=cpu_processes_env(env(PYTHONPATH=ROOT, PAUSE_AT="step:3")), timeout=300)
-    assert rc == -signal.SIGKILL and "2 process(es)" in stdout, (tmp_path / "stderr.txt").read_text()[-3000:]
-    assert [step for step, _ in state_dirs(str(tmp_path / "two"))] == [2]
-    res = run_group(launch(os.path.join(ROOT, "train.py")) + [f"--out_dir={tmp_path / 'two'}", "--init_from=resume"],
-                    timeout=300, env=cpu_processes_env(PYTHONPATH=ROOT))
-    assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
-    assert train_main(argv(char_data, tmp_path / "one", **kw)) == 0
+
+    def killed_and_resumed():
+        rc, stdout = run_until(launch(str(tmp_path / "hooked_train.py")) + argv(char_data, tmp_path / "two", **kw),
+                               lambda line: line.startswith("PAUSED"), kill_tree, log_path=tmp_path / "stderr.txt",
+                               env=cpu_processes_env(env(PYTHONPATH=ROOT, PAUSE_AT="step:3")), timeout=300)
+        assert rc == -signal.SIGKILL and "2 process(es)" in stdout, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert [step for step, _ in state_dirs(str(tmp_path / "two"))] == [2]
+        res = run_group(launch(os.path.join(ROOT, "train.py")) + [f"--out_dir={tmp_path / 'two'}",
+                                                                  "--init_from=resume"],
+                        timeout=300, env=cpu_processes_env(PYTHONPATH=ROOT))
+        assert res.returncode == 0 and "resumed from" in res.stdout, res.stderr[-3000:]
+
+    with ThreadPoolExecutor(1) as pool:  # the launches beside the one-process reference (in this process)
+        launches = pool.submit(killed_and_resumed)
+        assert train_main(argv(char_data, tmp_path / "one", **kw)) == 0
+        launches.result()
     two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     # Muon's Newton-Schulz iterations run in bf16 and boost small singular directions ~400x: a last-bit difference in
     # the all-reduced gradient moves single weights by up to a fraction of lr (1e-2), but on average they agree to

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -368,15 +369,16 @@ def test_two_processes_sigkill_and_sigterm_resume_exactly(char_data, tmp_path):
     args += ["--gradient_accumulation_steps=2", "--eval_interval=1"]  # one micro-batch per process
     straight, run = tmp_path / "straight", tmp_path / "run"
 
-    rc, _ = run_until(launch() + [*args, f"--out_dir={straight}", "--keep_states=0"], lambda line: False, None,
-                      log_path=tmp_path / "stderr0.txt", env=e, timeout=300)
-    assert rc == 0, (tmp_path / "stderr0.txt").read_text()[-3000:]
+    with ThreadPoolExecutor(1) as pool:  # the straight run and the killed one are independent: at the same time
+        straight_run = pool.submit(run_until, launch() + [*args, f"--out_dir={straight}", "--keep_states=0"],
+                                   lambda line: False, None, log_path=tmp_path / "stderr0.txt", env=e, timeout=300)
+        target = rng.randint(1, MAX_ITERS // 2)
+        rc, stdout = run_until(launch() + [*args, f"--out_dir={run}"], is_line("iter", target),
+                               sleep_then(rng.uniform(0, 0.3), kill_tree), log_path=tmp_path / "stderr1.txt", env=e,
+                               timeout=300)
+        straight_rc, _ = straight_run.result()
+    assert straight_rc == 0, (tmp_path / "stderr0.txt").read_text()[-3000:]
     assert len(state_dirs(str(straight))) == MAX_ITERS
-
-    target = rng.randint(1, MAX_ITERS // 2)
-    rc, stdout = run_until(launch() + [*args, f"--out_dir={run}"], is_line("iter", target),
-                           sleep_then(rng.uniform(0, 0.3), kill_tree), log_path=tmp_path / "stderr1.txt", env=e,
-                           timeout=300)
     assert rc == -signal.SIGKILL, f"seed {seed}: {(tmp_path / 'stderr1.txt').read_text()[-3000:]}"
     time.sleep(0.5)
     killed_at = assert_resumable_and_loadable(run)

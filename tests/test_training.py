@@ -5,9 +5,11 @@ import glob
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from conftest import cpu_processes_env, free_port, run_group
+from conftest import InBackground, cpu_processes_env, free_port, run_group
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
@@ -23,6 +25,7 @@ from nanogpt_hf.common import UserError
 from nanogpt_hf.hardware import cpu_has_bf16, resolve_mixed_precision, training_attention
 from nanogpt_hf.settings import TrainSettings, parse_command
 from nanogpt_hf import NanoGPTConfig
+import nanogpt_hf.training as T
 from nanogpt_hf.training import configure_optimizer, get_lr, train, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -644,14 +647,16 @@ def test_ms_per_iter_counts_every_step_and_no_evaluation(char_data, tmp_path, mo
 def test_cpu_peak_is_one_threads_times_the_threads_and_leaves_threads_and_rng_alone():
     from nanogpt_hf.hardware import measured_cpu_peak_flops
 
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    peak = measured_cpu_peak_flops.__wrapped__(torch.float32, n=256, repeats=5)
-    assert peak > 0 and torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()  # the suite runs on one thread (conftest): two here, for a ratio that can fail
+    torch.set_num_threads(threads := 2)
     try:
+        rng = torch.get_rng_state()
+        peak = measured_cpu_peak_flops.__wrapped__(torch.float32, n=256, repeats=5)
+        assert peak > 0 and torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+        torch.set_num_threads(1)
         one = measured_cpu_peak_flops.__wrapped__(torch.float32, n=256, repeats=5)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     assert peak / one == pytest.approx(threads, rel=0.5)  # scaled by the threads, not measured on them
 
 
@@ -768,7 +773,7 @@ def test_wandb_offline_tracker(char_data, tmp_path, monkeypatch):
     assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))
 
 
-def test_two_processes_match_one_process(char_data, tmp_path):
+def test_two_processes_match_one_process(char_data, tmp_path, monkeypatch):
     """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 with 3 micro-batches of 4 rows per step:
     each process takes half of the 12 rows, as 3 micro-batches of 2 (accumulated, gradients synchronised on the
     last); the ranks end with identical weights, and their losses equal a one-process run's within 1e-5. The data is
@@ -799,13 +804,15 @@ def test_two_processes_match_one_process(char_data, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", str(free_port()),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = tmp_path / "two"
-    res = subprocess.run(launch + [str(script), *args, f"--out_dir={two}"], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    one = tmp_path / "one"
-    res = subprocess.run([sys.executable, str(script), *args, f"--out_dir={one}"], env=env, capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    two, one = tmp_path / "two", tmp_path / "one"
+    with InBackground(launch + [str(script), *args, f"--out_dir={two}"], timeout=600, env=env) as launched:
+        # meanwhile, the one-process reference: the same script, in this process
+        monkeypatch.setattr(T, "Accelerator", T.Accelerator)  # the script replaces it: put back after the test
+        monkeypatch.setattr(sys, "argv", [str(script), *args, f"--out_dir={one}"])
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(script), run_name="__main__")
+        assert exited.value.code == 0
+    assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     r0, r1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks diverged"
     assert all(torch.allclose(r0[k], single[k], atol=1e-5) for k in r0)
@@ -834,11 +841,16 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
               "--dynamo_backend", "no"]
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
     # FSDP: 2 steps, then resumed from that state (sharded weights and optimizer) to 4; one process: 4 straight
-    outputs = [run_group(launch + [os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *args, f"--out_dir={fsdp}", *extra],
-                         timeout=600, env=env) for extra in (["--max_iters=2"], ["--init_from=resume"])]
+    def fsdp_runs():
+        return [run_group(launch + [os.path.join(ROOT, "tests", "fsdp_on_cpu.py"), *args, f"--out_dir={fsdp}", *extra],
+                          timeout=600, env=env) for extra in (["--max_iters=2"], ["--init_from=resume"])]
+
+    with ThreadPoolExecutor(1) as pool:  # the launches beside the one-process reference (in this process)
+        launches = pool.submit(fsdp_runs)
+        assert train_main([*args, f"--out_dir={one}"]) == 0
+        outputs = launches.result()
     assert [res.returncode for res in outputs] == [0, 0], [res.stderr[-3000:] for res in outputs]
     assert f"resumed from {fsdp / 'state' / 'step-2'} at step 2" in outputs[1].stdout
-    assert train_main([*args, f"--out_dir={one}"]) == 0
     a, b = load_file(fsdp / "model.safetensors"), load_file(one / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert metrics(fsdp, "eval")[-1]["val_loss"] == pytest.approx(metrics(one, "eval")[-1]["val_loss"], abs=1e-5)
