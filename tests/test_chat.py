@@ -14,7 +14,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_processes_env, free_port
+from conftest import InBackground, cpu_processes_env, free_port
 
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import Conversations, PrepareSettings, open_dataset, prepare, sample_batch
@@ -139,9 +139,22 @@ def base_model(chats, tmp_path_factory):
     return str(out)
 
 
+def kill_at(proc, marker: str) -> None:  # SIGKILL the process when it prints a line starting with marker
+    for line in proc.stdout:
+        if line.startswith(marker):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stdout.close()
+
+
 def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, tmp_path, capsys):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train_main(sft_args(chats, straight, f"--init_from={base_model}")) == 0
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # killed after step 6 (newest state: 4)
+    watcher = threading.Thread(target=kill_at, args=(proc, "iter 6:"))
+    watcher.start()
+    assert train_main(sft_args(chats, straight, f"--init_from={base_model}")) == 0  # meanwhile, uninterrupted
     out = capsys.readouterr().out
     assert "the embeddings grow from" in out and "conversations" in out
     base_vocab = len(load_tokenizer(base_model))
@@ -152,17 +165,8 @@ def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, t
     card = (straight / "README.md").read_text()
     assert f"A chat model, finetuned from {os.path.basename(base_model)} on conversations" in card and "- chat" in card
     assert """generator([{'role': 'user', 'content': 'ROMEO:'}], max_new_tokens=54)[0]["generated_text"][-1]""" in card
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    watchdog = threading.Timer(240, proc.kill)
-    watchdog.start()
-    for line in proc.stdout:
-        if line.startswith("iter 6:"):  # the newest state: step 4
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.stdout.close()
-    watchdog.cancel()
+    watcher.join(timeout=240)
+    proc.kill()  # (a no-op once killed at step 6)
     assert proc.wait() == -signal.SIGKILL
     assert train_main(sft_args(chats, killed, "--init_from=resume")) == 0
     assert events(killed, "eval") == events(straight, "eval")
@@ -182,11 +186,10 @@ def test_sft_on_two_processes_equals_one_process(chats, base_model, tmp_path):
     # one micro-batch of 4 rows per step: each process takes 2 rows, with other counts of tokens to learn
     args = [a for a in sft_args(chats, "", f"--init_from={base_model}", "--max_iters=4", "--backend=gloo",
                                 "--gradient_accumulation_steps=1") if not a.startswith("--out_dir")]
-    runs = {"two": launch, "one": [sys.executable]}
-    for name, prefix in runs.items():
-        res = subprocess.run([*prefix, os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / name}"],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
+    with InBackground([*launch, os.path.join(ROOT, "train.py"), *args, f"--out_dir={tmp_path / 'two'}"], 600,
+                      env=env) as two:
+        assert train_main([*args, f"--out_dir={tmp_path / 'one'}"]) == 0  # meanwhile, one process
+    assert two.result.returncode == 0, two.result.stderr[-3000:]
     two, one = events(tmp_path / "two", "train"), events(tmp_path / "one", "train")
     assert len(two) == 4 and [e["loss"] for e in two] == pytest.approx([e["loss"] for e in one], abs=1e-5)
     assert events(tmp_path / "two", "eval")[-1]["val_loss"] == pytest.approx(
