@@ -117,6 +117,14 @@ def test_the_loss_is_the_masked_cross_entropy_and_rows_are_whole_conversations(c
     keep = y != -100
     direct = F.cross_entropy(logits[keep], y[keep])
     torch.testing.assert_close(model(input_ids=x, shift_labels=y).loss, direct)
+    # a training step over micro-batches of other counts of targets: the mean over all the step's targets
+    from accelerate import Accelerator
+
+    from nanogpt_hf.training import train_step
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, _ = train_step(Accelerator(cpu=True), model, [optimizer], [(x[:1], y[:1]), (x[1:], y[1:])], [0.0], 1.0)
+    torch.testing.assert_close(loss, direct)
 
 
 def sft_args(chats, out, *extra):
