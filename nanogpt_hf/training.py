@@ -315,8 +315,9 @@ def check_same_tokenizer(theirs, data, name: str, folder: str, appended: bool = 
     finetuning, `appended`, it may have tokens appended: a chat template's)."""
     from .tokenization import extends, same_vocabulary, tokenizer_kind
 
-    if theirs is None or (extends if appended else same_vocabulary)(data.tokenizer(), theirs):  # (None: no tokenizer
-        return  # saved with the checkpoint, nothing to compare)
+    same = extends if appended else same_vocabulary
+    if theirs is None or same(data.tokenizer(), theirs):  # None: saved without its tokenizer, nothing to compare
+        return
     kind = tokenizer_kind(theirs)
     fix = f"prepare the dataset with --tokenizer={'gpt2' if kind == 'gpt2' else folder}"
     if kind != data.tokenizer_kind:
