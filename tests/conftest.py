@@ -48,8 +48,8 @@ class InBackground:
     def __enter__(self):
         import subprocess
 
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, **self.kwargs)
+        self.proc = warm_popen(self.cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, **self.kwargs)
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -64,6 +64,208 @@ class InBackground:
             if self.proc.poll() is None:  # the block failed, or the command ran past its timeout
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.communicate()
+
+
+# ---- `python ...` commands forked from a warm interpreter ----------------------------------------------------------
+# A command of the suite spends ~5 s importing torch, transformers and accelerate before its first line of work, and
+# the suite runs ~60 of them. Forked from multiprocessing's forkserver, which imported those once, a command starts
+# in well under a second. The child is still a process of its own: its own session, cwd, environment, arguments,
+# pipes, signals and exit status (as subprocess.Popen reports them). Our package, datasets and the rest it imports
+# itself, so their import-time settings (a log file's progress bars) still apply. A command that must start from
+# nothing (a test of the interpreter's start, such as sys.path) keeps subprocess.
+WARM_PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "transformers.generation", "accelerate",
+                "safetensors.torch"]
+
+
+class _Fd:
+    """A file descriptor that travels to the forked child: multiprocessing's fd passing, turned back into the child's
+    fd number by methodcaller (the child needs nothing of this file to unpickle it)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        import operator
+        from multiprocessing import reduction
+
+        return operator.methodcaller("detach"), (reduction.DupFd(self.fd),)
+
+
+def _warm_main(cmd: list[str], cwd: str | None, env: dict, fds: list) -> None:
+    """In the forked child: become `python *cmd` (a script, -m module or -c code) with these fds as 0, 1 and 2."""
+    import atexit
+    import runpy
+    import traceback
+
+    os.setsid()
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))  # lines, as -u would
+    if cwd:
+        os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    args = [a for a in cmd[1:] if a not in ("-u", "-I")]
+    try:
+        if args[0] == "-c":
+            sys.argv = ["-c", *args[2:]]
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+        elif args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = args
+            sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        raise SystemExit(1)
+    finally:
+        atexit._run_exitfuncs()
+
+
+class WarmPopen:
+    """subprocess.Popen's interface (the part the tests use) for a command forked by _warm_main."""
+
+    _context = None
+
+    def __init__(self, cmd, stdin=None, stdout=None, stderr=None, text=False, universal_newlines=False, cwd=None,
+                 env=None, start_new_session=True):
+        import inspect
+        import multiprocessing
+        import subprocess
+
+        if WarmPopen._context is None:
+            WarmPopen._context = multiprocessing.get_context("forkserver")
+            WarmPopen._context.set_forkserver_preload(WARM_PRELOAD)
+        self.args, self.returncode, text = cmd, None, text or universal_newlines
+        ours, theirs = {}, []  # our ends of the pipes; the child's fds 0, 1, 2
+        for i, spec in enumerate((stdin, stdout, stderr)):
+            if spec == subprocess.PIPE:
+                r, w = os.pipe()
+                ours[i], child = (w, r) if i == 0 else (r, w)
+            elif spec == subprocess.STDOUT:
+                child = theirs[1]
+            elif spec == subprocess.DEVNULL:
+                child = os.open(os.devnull, os.O_RDWR)
+            else:
+                child = spec.fileno() if hasattr(spec, "fileno") else (i if spec is None else spec)
+            theirs.append(child)
+        # the child runs _warm_main from its source: the forkserver cannot import this file (not on its sys.path)
+        code = f"import os, sys\n{inspect.getsource(_warm_main)}\n_warm_main(cmd, cwd, env, fds)\n"
+        self._proc = WarmPopen._context.Process(target=exec, args=(code, {
+            "__name__": "__warm__", "cmd": list(cmd), "cwd": cwd and str(cwd),
+            "env": dict(os.environ if env is None else env), "fds": [_Fd(fd) for fd in theirs]}))
+        self._proc.start()
+        for i, spec in enumerate((stdin, stdout, stderr)):
+            if spec in (subprocess.PIPE, subprocess.DEVNULL):
+                os.close(theirs[i])
+        self.pid, self._jobs = self._proc.pid, None
+        mode = {0: "w", 1: "r", 2: "r"}
+        self.stdin, self.stdout, self.stderr = (
+            (open(ours[i], mode[i] + ("" if text else "b"), buffering=1 if text and i == 0 else -1) if i in ours
+             else None) for i in range(3))
+
+    def poll(self):
+        if self.returncode is None and not self._proc.is_alive():
+            self._proc.join()
+            self.returncode = self._proc.exitcode
+        return self.returncode
+
+    def wait(self, timeout=None):
+        import subprocess
+
+        self._proc.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, input=None, timeout=None):
+        """Feed stdin, read stdout and stderr to their ends (threads, so that no pipe fills), wait for the exit. After
+        a timeout, a second call goes on with the same threads (as Popen's does)."""
+        import subprocess
+        import threading
+
+        if self._jobs is None:
+            self._out = {}
+            self._jobs = [threading.Thread(target=_read_all, args=(f, self._out, i), daemon=True)
+                          for i, f in ((1, self.stdout), (2, self.stderr)) if f]
+            if self.stdin:
+                self._jobs.append(threading.Thread(target=_write_all, args=(self.stdin, input), daemon=True))
+            for job in self._jobs:
+                job.start()
+        for job in self._jobs:
+            job.join(timeout)
+            if job.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(timeout)
+        return self._out.get(1), self._out.get(2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f:
+                f.close()
+        self.wait()
+
+
+def _read_all(f, out: dict, key: int) -> None:
+    out[key] = f.read()
+    f.close()
+
+
+def _write_all(f, data) -> None:
+    try:
+        if data:
+            f.write(data)
+    finally:
+        f.close()
+
+
+def warm_popen(cmd, **kwargs):
+    """subprocess.Popen, forked warm when the command is `sys.executable ...` (see WarmPopen)."""
+    import subprocess
+
+    return (WarmPopen if cmd[0] == sys.executable else subprocess.Popen)(cmd, **kwargs)
+
+
+def warm_run(cmd, input=None, capture_output=False, timeout=None, check=False, **kwargs):
+    """subprocess.run, forked warm when the command is `sys.executable ...`."""
+    import subprocess
+
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    with warm_popen(cmd, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(input, timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        res.check_returncode()
+    return res
 
 
 @pytest.fixture

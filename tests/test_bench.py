@@ -3,7 +3,6 @@
 import glob
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import bench_main
 from nanogpt_hf.tokenization import char_tokenizer
-from conftest import cpu_processes_env, free_port
+from conftest import cpu_processes_env, free_port, warm_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=65", "--batch_size=2",
@@ -145,7 +144,7 @@ def test_two_processes_under_accelerate_launch():
               "--main_process_port", str(free_port()),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "bench.py", "--mode=train",
            *TINY, "--warmup=1", "--iters=2", "--dtype=float32"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = warm_run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
     per_process = number(r"([\d,]+) tokens/s per process", res.stdout)

@@ -14,7 +14,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import InBackground, cpu_processes_env, free_port
+from conftest import InBackground, cpu_processes_env, free_port, warm_popen, warm_run
 
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import Conversations, PrepareSettings, open_dataset, prepare, sample_batch
@@ -158,7 +158,7 @@ def kill_at(proc, marker: str) -> None:  # SIGKILL the process when it prints a 
 def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, tmp_path, capsys):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    proc = warm_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))  # killed after step 6 (newest state: 4)
     watcher = threading.Thread(target=kill_at, args=(proc, "iter 6:"))
     watcher.start()
@@ -214,14 +214,14 @@ out = chat([{{"role": "user", "content": "good morrow"}}], max_new_tokens=20, do
 reply = out[0]["generated_text"][-1]
 print("REPLY", reply["role"], repr(reply["content"]))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "REPLY assistant 'yes'" in res.stdout  # the reply, stopped at its end of turn
 
 
 def test_sample_chat_through_stdin(echo_model):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={echo_model}", "--chat",
+    res = warm_run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={echo_model}", "--chat",
                           "--greedy", "--start=art thou fair", "--max_new_tokens=20", "--device=cpu"],
                          input="good morrow\n/reset\nthou\n\nnever read\n", capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -230,7 +230,7 @@ def test_sample_chat_through_stdin(echo_model):
 
 
 def test_sample_chat_refuses_a_model_without_a_template(base_model):
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={base_model}", "--chat"],
+    res = warm_run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={base_model}", "--chat"],
                          input="hello\n", capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no chat template" in res.stderr and "Traceback" not in res.stderr
@@ -251,7 +251,7 @@ def test_exports_keep_the_chat_template(echo_model, tmp_path, command):
         model.generation_config = echo.generation_config
         model.save_pretrained(source)
         load_tokenizer(echo_model).save_pretrained(source)
-    res = subprocess.run([sys.executable, "-m", "nanogpt_hf.cli", command, str(source), str(tmp_path / "out")],
+    res = warm_run([sys.executable, "-m", "nanogpt_hf.cli", command, str(source), str(tmp_path / "out")],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     ours, theirs = AutoTokenizer.from_pretrained(echo_model), AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -14,6 +14,7 @@ import torch
 from nanogpt_reference import RefGPT  # nanoGPT's model.py
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
+from conftest import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import hf_main
 from nanogpt_hf.tokenization import char_tokenizer
@@ -325,7 +326,6 @@ def test_bad_inputs_exit_2_with_one_line_and_change_nothing(tmp_path, capsys):
 def test_cli_module_converts_and_the_folder_loads_without_the_package(tmp_path):
     """`python -m nanogpt_hf.cli` is the nanogpt-hf command; the folder it writes loads in a fresh process that never
     imports nanogpt_hf (trust_remote_code runs the model code saved beside the weights), with GPT-2's logits."""
-    import subprocess
     import sys
 
     torch.manual_seed(0)
@@ -335,7 +335,7 @@ def test_cli_module_converts_and_the_folder_loads_without_the_package(tmp_path):
     with torch.no_grad():
         torch.save({"idx": idx, "logits": gpt2(idx).logits}, tmp_path / "ref.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run([sys.executable, "-m", "nanogpt_hf.cli", "import-gpt2", str(tmp_path / "src"),
+    res = warm_run([sys.executable, "-m", "nanogpt_hf.cli", "import-gpt2", str(tmp_path / "src"),
                           str(tmp_path / "ours")], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     code = f"""
@@ -347,5 +347,5 @@ ref = torch.load({str(tmp_path / "ref.pt")!r})
 torch.testing.assert_close(m(ref["idx"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
 print("OK", type(m).__name__)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0 and "OK NanoGPTForCausalLM" in res.stdout, res.stderr

@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import datasets
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import warm_run
 from nanogpt_hf import data
 from nanogpt_hf.cli import prepare_main
 from nanogpt_hf.data import (
@@ -507,7 +507,7 @@ def test_bad_input_does_not_touch_an_existing_prepared_folder(prepared, tmp_path
 
 
 def test_cli_subprocess_prints_one_line_without_traceback(tmp_path):
-    res = subprocess.run(
+    res = warm_run(
         [sys.executable, os.path.join(ROOT, "prepare.py"), str(tmp_path / "nope.txt")],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
         env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT),

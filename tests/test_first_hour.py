@@ -10,6 +10,7 @@ import torch
 from accelerate.state import AcceleratorState
 from transformers import AutoTokenizer
 
+from conftest import warm_popen, warm_run
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.common import UserError
 from nanogpt_hf.training import get_lr, train
@@ -80,9 +81,9 @@ def test_a_log_file_gets_log_lines_not_progress_bar_redraws(char_data, tmp_path)
     commands = [[*prepare, f"--out={tmp_path / 'data'}"], [  # datasets', ours (char: 2 passes), transformers'
         *prepare, f"--out={tmp_path / 'data_char'}", "--tokenizer=char", "--streaming"], [
         "-m", "nanogpt_hf.cli", "export-gpt2", str(run), str(tmp_path / "gpt2")]]
-    preparing = [subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    preparing = [warm_popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
                  for command in commands[:2]]  # beside the training run: independent of it
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={char_data}",
+    res = warm_run([sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={char_data}",
                           f"--out_dir={run}", "--max_iters=40", "--eval_interval=40", "--log_interval=10",
                           "--eval_iters=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
                           "--device=cpu", "--sample_at_end=false"],
@@ -93,7 +94,7 @@ def test_a_log_file_gets_log_lines_not_progress_bar_redraws(char_data, tmp_path)
     assert [line.split(":")[0] for line in res.stdout.splitlines() if line.startswith("iter")] == [
         "iter 10", "iter 20", "iter 30", "iter 40"]
     results = [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(preparing, outputs)]
-    results.append(subprocess.run([sys.executable, *commands[2]], capture_output=True, env=env))  # the run's model
+    results.append(warm_run([sys.executable, *commands[2]], capture_output=True, env=env))  # the run's model
     for res in results:
         assert res.returncode == 0 and b"\r" not in res.stderr and b"/s]" not in res.stderr, res.stderr[-2000:]
 

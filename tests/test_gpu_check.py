@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py without a GPU: its refusal, its table, and every check's code path on tiny CPU shapes."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_check  # noqa: E402
+from conftest import warm_run  # noqa: E402
 
 sys.path.pop(0)
 
@@ -23,7 +23,7 @@ def fresh_accelerate_state():
 
 def test_refuses_a_machine_without_a_gpu_in_one_line():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env, capture_output=True,
+    res = warm_run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr

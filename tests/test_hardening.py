@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_training import tiny
 
+from conftest import warm_popen
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.training import train
 
@@ -77,7 +78,7 @@ sys.exit(train_main(sys.argv[1:]))
 def test_a_second_signal_stops_inside_a_long_torch_call(char_data, tmp_path):
     out = tmp_path / "run"
     args = [f"--dataset={char_data}", f"--out_dir={out}", *TINY, "--max_iters=6", "--eval_interval=2"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEP, *args], stdout=subprocess.PIPE,
+    proc = warm_popen([sys.executable, "-c", SLOW_STEP, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         for line in proc.stdout:  # the step-2 state is saved before step 3 begins

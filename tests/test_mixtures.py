@@ -14,6 +14,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
+from conftest import warm_popen
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import Mixture, PrepareSettings, TokenStream, parse_mixture, prepare, sample_batch
 from nanogpt_hf.settings import TrainSettings, parse_command
@@ -117,7 +118,7 @@ def test_a_mixture_run_killed_and_resumed_equals_an_uninterrupted_one(corpora, t
     # SIGKILL after step 6 (the newest state: step 4), then resume to the end
     killed = tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={killed}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    proc = warm_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()

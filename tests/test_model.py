@@ -1,13 +1,13 @@
 """The model: nanoGPT's architecture as a native transformers model, and GPT-2 interoperability both ways."""
 
 import math
-import subprocess
 import sys
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conftest import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, NanoGPTModel
 from nanogpt_hf.common import UserError
 from nanogpt_hf.gpt2 import from_gpt2, to_gpt2
@@ -446,7 +446,7 @@ out = m.generate(ref["prompt"], attention_mask=torch.ones_like(ref["prompt"]), m
 assert torch.equal(out, ref["expected"]), "different tokens"
 print("OK", type(m).__module__)
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK transformers_modules" in res.stdout
 

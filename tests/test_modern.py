@@ -3,7 +3,6 @@ exactly, saves, and loads without the package; together they keep the KV cache, 
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from conftest import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.settings import parse_command
 from nanogpt_hf.training import TrainSettings, train
@@ -109,7 +109,7 @@ assert len(text[0]["generated_text"]) == 16, text  # rotary positions through pi
 assert "nanogpt_hf" not in sys.modules
 print("OK")
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
 
 

@@ -4,7 +4,6 @@ anything, a model their target cannot express, naming the switch."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from test_convert import TEXT, _snapshot, run_cli
 from transformers import GPT2LMHeadModel
 
+from conftest import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.common import UserError
 from nanogpt_hf.configuration_nanogpt import ARCHITECTURE
@@ -112,7 +112,7 @@ tok = AutoTokenizer.from_pretrained({str(out)!r})
 assert tok.decode(tok.encode({TEXT!r})) == {TEXT!r}
 print("OK", type(m).__name__)
 """
-    res = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+    res = warm_run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
     assert res.returncode == 0 and "OK NanoChatForCausalLM" in res.stdout, res.stderr
 

@@ -4,7 +4,6 @@ import json
 import lzma
 import os
 import random
-import subprocess
 import sys
 
 import datasets
@@ -12,6 +11,7 @@ import pytest
 from accelerate.state import AcceleratorState
 from transformers import AutoTokenizer
 
+from conftest import warm_run
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.common import UserError
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare
@@ -73,7 +73,7 @@ def test_a_prepared_tokenizer_loads_in_a_fresh_process_without_our_package(bpe_d
             "print(json.dumps([t.eos_token, t.eos_token_id, [t.decode(t(x)['input_ids']) for x in texts], "
             "'nanogpt_hf' in sys.modules]))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", code, bpe_data, json.dumps(ODD_TEXTS)], env=env, cwd=corpora,
+    out = warm_run([sys.executable, "-c", code, bpe_data, json.dumps(ODD_TEXTS)], env=env, cwd=corpora,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert json.loads(out) == ["<|endoftext|>", 0, ODD_TEXTS, False]
 

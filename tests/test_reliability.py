@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from nanogpt_hf.checkpoint import latest_state, read_trainer_state, state_dirs
 from nanogpt_hf.cli import bench_main, hf_main, prepare_main, sample_main, train_main
 from nanogpt_hf.data import PrepareSettings, prepare
-from conftest import cpu_processes_env, free_port
+from conftest import cpu_processes_env, free_port, warm_popen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -214,7 +214,7 @@ def env(**extra):
 def run_until(cmd, trigger, act, log_path, timeout=240, **popen):
     """Start cmd, read its stdout lines until trigger(line) is true, then call act(proc). Returns (rc, stdout)."""
     with open(log_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=popen.pop("env", env()),
+        proc = warm_popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=popen.pop("env", env()),
                                 **popen)
         watchdog = threading.Timer(timeout, kill_tree, (proc,))  # workers left behind would hold stdout open
         watchdog.start()
@@ -809,7 +809,7 @@ def test_bad_inputs_as_real_commands(bad_world, char_data, tmp_path):
         "bench.py impossible": ["bench.py", "--n_embd=30", "--n_head=4", "--device=cpu"],
     }
     before = snapshot(w)
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path,
+    procs = {name: warm_popen([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
              for name, argv in commands.items()}
     for name, proc in procs.items():

@@ -4,11 +4,11 @@ import json
 import lzma
 import os
 import random
-import subprocess
 import sys
 
 import pytest
 
+from conftest import warm_run
 from nanogpt_hf import tokenization
 from nanogpt_hf.common import UserError
 from nanogpt_hf.tokenization import (
@@ -144,7 +144,7 @@ def test_save_and_load_with_autotokenizer_without_our_code(tmp_path, gpt2, shake
         "assert 'nanogpt_hf' not in sys.modules\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    res = warm_run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     g_ids, g_text, c_ids, c_text, c_len = json.loads(res.stdout.strip().splitlines()[-1])
     t = text + "<|endoftext|>"

@@ -7,7 +7,6 @@ import math
 import os
 import runpy
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +16,7 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from conftest import InBackground, cpu_processes_env, free_port, run_group
+from conftest import InBackground, cpu_processes_env, free_port, run_group, warm_run
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
@@ -265,7 +264,7 @@ text = pipe("ROMEO:", max_new_tokens=40, do_sample=True)[0]["generated_text"]
 assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 40, text
 print("OK")
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
     assert "not supported" not in res.stderr
 
@@ -417,7 +416,7 @@ for _ in range(3):
     rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 print(min(rounds))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.split()[-1]) < 100  # page faults per step
 
@@ -859,7 +858,7 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
     code = ("from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(fsdp)!r}, trust_remote_code=True); "
             "print(type(m).__name__, m.lm_head.weight is m.transformer.wte.weight)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.stdout.split() == ["NanoGPTForCausalLM", "True"], res.stderr[-3000:]
 
