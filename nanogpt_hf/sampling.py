@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from . import checkpoint, hardware
 from .common import UserError
 from .settings import SHIPPED_RECIPES, load_recipe, parse_command, setting
-from .tokenization import check_known_chars
+from .tokenization import check_known_chars, unknown_char
 
 SEPARATOR = "---------------"
 TRAINED = load_recipe(os.path.join(SHIPPED_RECIPES, "default.yaml"))["out_dir"]  # where `python train.py` saves
@@ -185,6 +185,10 @@ def chat(model, tokenizer, s: SampleSettings, kwargs: dict, device) -> None:
         if line == "/reset":
             messages, line = [], ""
             print("(a new conversation)")
+            continue
+        if problem := unknown_char(tokenizer, line):  # a slip of the keyboard ends nothing: say so, read on
+            print(f"{problem}: say it without it", file=sys.stderr)
+            line = ""
             continue
         messages.append({"role": "user", "content": line})
         torch.manual_seed(sample_seed(s.seed, turn))

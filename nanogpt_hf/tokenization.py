@@ -129,15 +129,18 @@ def is_char_tokenizer(tok) -> bool:  # a WordLevel vocabulary of characters
     return isinstance(getattr(getattr(tok, "backend_tokenizer", None), "model", None), models.WordLevel)
 
 
-def check_known_chars(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
-    """Raise UserError naming the first character of `text` that a character tokenizer does not know."""
+def unknown_char(tokenizer: PreTrainedTokenizerFast, text: str) -> str | None:
+    """The first character of `text` that a character tokenizer would drop, named; None if there is none."""
     if not is_char_tokenizer(tokenizer):  # other tokenizers encode any text
-        return
+        return None
     vocab = tokenizer.get_vocab()
-    for i, c in enumerate(text):
-        if c not in vocab:
-            raise UserError(f"character {c!r} (U+{ord(c):04X}, position {i}) is not in the model's character "
-                            "vocabulary; it would be dropped: remove it from the prompt")
+    return next((f"character {c!r} (U+{ord(c):04X}, position {i}) is not in the model's character vocabulary; it "
+                 "would be dropped" for i, c in enumerate(text) if c not in vocab), None)
+
+
+def check_known_chars(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
+    if problem := unknown_char(tokenizer, text):
+        raise UserError(f"{problem}: remove it from the prompt")
 
 
 def tokenizer_kind(tok) -> str:

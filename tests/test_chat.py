@@ -159,7 +159,7 @@ def test_sft_killed_and_resumed_equals_an_uninterrupted_run(chats, base_model, t
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *sft_args(chats, killed, f"--init_from={base_model}")]
     proc = warm_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # killed after step 6 (newest state: 4)
+                      env=dict(os.environ, PYTHONUNBUFFERED="1"))  # killed after step 6 (newest state: 4)
     watcher = threading.Thread(target=kill_at, args=(proc, "iter 6:"))
     watcher.start()
     assert train_main(sft_args(chats, straight, f"--init_from={base_model}")) == 0  # meanwhile, uninterrupted
@@ -215,23 +215,25 @@ reply = out[0]["generated_text"][-1]
 print("REPLY", reply["role"], repr(reply["content"]))
 """
     res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "REPLY assistant 'yes'" in res.stdout  # the reply, stopped at its end of turn
 
 
 def test_sample_chat_through_stdin(echo_model):
     res = warm_run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={echo_model}", "--chat",
-                          "--greedy", "--start=art thou fair", "--max_new_tokens=20", "--device=cpu"],
-                         input="good morrow\n/reset\nthou\n\nnever read\n", capture_output=True, text=True)
+                    "--greedy", "--start=art thou fair", "--max_new_tokens=20", "--device=cpu"],
+                   input="fair sight\nthou \u2603\n/reset\nthou\n\nnever read\n", capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     replies = [part.strip() for part in res.stdout.split("---------------")]
     assert replies == ["yes", "yes", "(a new conversation)\nyes", ""], res.stdout  # the empty line ended it
+    # a character the vocabulary lacks is named, and the conversation goes on (it was dropped without a word)
+    assert "character '\u2603' (U+2603, position 5) is not in the model's character vocabulary" in res.stderr
 
 
 def test_sample_chat_refuses_a_model_without_a_template(base_model):
     res = warm_run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={base_model}", "--chat"],
-                         input="hello\n", capture_output=True, text=True)
+                   input="hello\n", capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "no chat template" in res.stderr and "Traceback" not in res.stderr
 
@@ -252,7 +254,7 @@ def test_exports_keep_the_chat_template(echo_model, tmp_path, command):
         model.save_pretrained(source)
         load_tokenizer(echo_model).save_pretrained(source)
     res = warm_run([sys.executable, "-m", "nanogpt_hf.cli", command, str(source), str(tmp_path / "out")],
-                         capture_output=True, text=True)
+                   capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     ours, theirs = AutoTokenizer.from_pretrained(echo_model), AutoTokenizer.from_pretrained(tmp_path / "out")
     conv = [{"role": "user", "content": "good morrow"}, {"role": "assistant", "content": "yes"}]

@@ -336,7 +336,7 @@ def test_cli_module_converts_and_the_folder_loads_without_the_package(tmp_path):
         torch.save({"idx": idx, "logits": gpt2(idx).logits}, tmp_path / "ref.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     res = warm_run([sys.executable, "-m", "nanogpt_hf.cli", "import-gpt2", str(tmp_path / "src"),
-                          str(tmp_path / "ours")], capture_output=True, text=True, env=env)
+                    str(tmp_path / "ours")], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     code = f"""
 import sys, torch

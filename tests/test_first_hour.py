@@ -84,10 +84,10 @@ def test_a_log_file_gets_log_lines_not_progress_bar_redraws(char_data, tmp_path)
     preparing = [warm_popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
                  for command in commands[:2]]  # beside the training run: independent of it
     res = warm_run([sys.executable, os.path.join(ROOT, "train.py"), f"--dataset={char_data}",
-                          f"--out_dir={run}", "--max_iters=40", "--eval_interval=40", "--log_interval=10",
-                          "--eval_iters=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
-                          "--device=cpu", "--sample_at_end=false"],
-                         capture_output=True, text=True, env=env)
+                    f"--out_dir={run}", "--max_iters=40", "--eval_interval=40", "--log_interval=10",
+                    "--eval_iters=2", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
+                    "--device=cpu", "--sample_at_end=false"],
+                   capture_output=True, text=True, env=env)
     outputs = [p.communicate(timeout=300) for p in preparing]
     assert res.returncode == 0, res.stderr[-2000:]
     assert "it/s" not in res.stderr and "training:" not in res.stderr, res.stderr[-2000:]  # text=True: no \r left

@@ -24,7 +24,7 @@ def fresh_accelerate_state():
 def test_refuses_a_machine_without_a_gpu_in_one_line():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     res = warm_run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+                   text=True, timeout=300)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "GPU" in res.stderr and "bench.py" in res.stderr  # names the problem and where to go instead

@@ -79,7 +79,7 @@ def test_a_second_signal_stops_inside_a_long_torch_call(char_data, tmp_path):
     out = tmp_path / "run"
     args = [f"--dataset={char_data}", f"--out_dir={out}", *TINY, "--max_iters=6", "--eval_interval=2"]
     proc = warm_popen([sys.executable, "-c", SLOW_STEP, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+                      stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         for line in proc.stdout:  # the step-2 state is saved before step 3 begins
             if line.startswith("slow step"):

@@ -119,7 +119,7 @@ def test_a_mixture_run_killed_and_resumed_equals_an_uninterrupted_one(corpora, t
     killed = tmp_path / "killed"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={killed}"]
     proc = warm_popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
     for line in proc.stdout:

@@ -74,7 +74,7 @@ def test_a_prepared_tokenizer_loads_in_a_fresh_process_without_our_package(bpe_d
             "'nanogpt_hf' in sys.modules]))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = warm_run([sys.executable, "-c", code, bpe_data, json.dumps(ODD_TEXTS)], env=env, cwd=corpora,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+                   capture_output=True, text=True, timeout=120, check=True).stdout
     assert json.loads(out) == ["<|endoftext|>", 0, ODD_TEXTS, False]
 
 

@@ -215,7 +215,7 @@ def run_until(cmd, trigger, act, log_path, timeout=240, **popen):
     """Start cmd, read its stdout lines until trigger(line) is true, then call act(proc). Returns (rc, stdout)."""
     with open(log_path, "w") as err:
         proc = warm_popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=popen.pop("env", env()),
-                                **popen)
+                          **popen)
         watchdog = threading.Timer(timeout, kill_tree, (proc,))  # workers left behind would hold stdout open
         watchdog.start()
         lines = []
@@ -810,7 +810,7 @@ def test_bad_inputs_as_real_commands(bad_world, char_data, tmp_path):
     }
     before = snapshot(w)
     procs = {name: warm_popen([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp_path,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
              for name, argv in commands.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=180)

@@ -184,8 +184,8 @@ def test_stop_at_eot_stops():
 def test_real_subprocess(char_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = warm_run([sys.executable, "sample.py", f"--init_from={char_dir}", "--num_samples=2",
-                          "--max_new_tokens=8", "--seed=7"], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=120)
+                    "--max_new_tokens=8", "--seed=7"], cwd=ROOT, capture_output=True, text=True, env=env,
+                   timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count(SEP) == 2
 

@@ -865,7 +865,7 @@ def test_fsdp_saves_a_full_model_that_loads_without_the_package(char_data, tmp_p
             f"m = AutoModelForCausalLM.from_pretrained({str(fsdp)!r}, trust_remote_code=True); "
             "print(type(m).__name__, m.lm_head.weight is m.transformer.wte.weight)")
     res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.stdout.split() == ["NanoGPTForCausalLM", "True"], res.stderr[-3000:]
 
 
