@@ -8,6 +8,7 @@ anything raised in our own work (common.own_work: the training loop), is a bug a
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import os
 import sys
@@ -49,7 +50,10 @@ def run_module(name: str, argv: list[str] | None = None) -> int:  # imported on 
     if not sys.stderr.isatty():  # a log file gets the commands' log lines, not progress-bar redraws
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported, below
         hf_logging.disable_progress_bar()  # transformers' and the Hub's (imported with the package)
-    return run(importlib.import_module(f"nanogpt_hf.{name}").main, argv)
+    module = importlib.import_module(f"nanogpt_hf.{name}")
+    if argv is None:  # the command itself, which ends the process: the collector leaves what the imports built alone
+        gc.freeze()  # (~1.4 s less in a 300-step laptop run, most of it at exit; an in-process call keeps a normal gc)
+    return run(module.main, argv)
 
 
 train_main = functools.partial(run_module, "training")  # the console scripts (pyproject.toml) and top-level scripts
