@@ -139,6 +139,7 @@ def unknown_char(tokenizer: PreTrainedTokenizerFast, text: str) -> str | None:
 
 
 def check_known_chars(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
+    """Raise UserError naming the first character of `text` that a character tokenizer does not know."""
     if problem := unknown_char(tokenizer, text):
         raise UserError(f"{problem}: remove it from the prompt")
 

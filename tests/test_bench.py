@@ -11,7 +11,8 @@ import torch
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import bench_main
 from nanogpt_hf.tokenization import char_tokenizer
-from conftest import cpu_processes_env, free_port, warm_run
+from conftest import cpu_processes_env, free_port
+from warm import warm_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=65", "--batch_size=2",

@@ -14,7 +14,8 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import InBackground, cpu_processes_env, free_port, warm_popen, warm_run
+from conftest import InBackground, cpu_processes_env, free_port
+from warm import warm_popen, warm_run
 
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import Conversations, PrepareSettings, open_dataset, prepare, sample_batch

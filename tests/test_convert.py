@@ -14,7 +14,7 @@ import torch
 from nanogpt_reference import RefGPT  # nanoGPT's model.py
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.cli import hf_main
 from nanogpt_hf.tokenization import char_tokenizer

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import data
 from nanogpt_hf.cli import prepare_main
 from nanogpt_hf.data import (

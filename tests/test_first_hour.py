@@ -10,7 +10,7 @@ import torch
 from accelerate.state import AcceleratorState
 from transformers import AutoTokenizer
 
-from conftest import warm_popen, warm_run
+from warm import warm_popen, warm_run
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.common import UserError
 from nanogpt_hf.training import get_lr, train

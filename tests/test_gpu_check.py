@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import gpu_check  # noqa: E402
-from conftest import warm_run  # noqa: E402
+from warm import warm_run  # noqa: E402
 
 sys.path.pop(0)
 

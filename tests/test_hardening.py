@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_training import tiny
 
-from conftest import warm_popen
+from warm import warm_popen
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.training import train
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from conftest import warm_popen
+from warm import warm_popen
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import Mixture, PrepareSettings, TokenStream, parse_mixture, prepare, sample_batch
 from nanogpt_hf.settings import TrainSettings, parse_command

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM, NanoGPTModel
 from nanogpt_hf.common import UserError
 from nanogpt_hf.gpt2 import from_gpt2, to_gpt2

@@ -10,7 +10,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.settings import parse_command
 from nanogpt_hf.training import TrainSettings, train

@@ -11,7 +11,7 @@ import torch
 from test_convert import TEXT, _snapshot, run_cli
 from transformers import GPT2LMHeadModel
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.common import UserError
 from nanogpt_hf.configuration_nanogpt import ARCHITECTURE

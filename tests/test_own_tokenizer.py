@@ -11,7 +11,7 @@ import pytest
 from accelerate.state import AcceleratorState
 from transformers import AutoTokenizer
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.common import UserError
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare

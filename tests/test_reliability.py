@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from nanogpt_hf.checkpoint import latest_state, read_trainer_state, state_dirs
 from nanogpt_hf.cli import bench_main, hf_main, prepare_main, sample_main, train_main
 from nanogpt_hf.data import PrepareSettings, prepare
-from conftest import cpu_processes_env, free_port, warm_popen
+from conftest import cpu_processes_env, free_port
+from warm import warm_popen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")

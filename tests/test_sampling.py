@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import NanoGPTConfig, NanoGPTForCausalLM
 from nanogpt_hf.bench import generate_full_recompute
 from nanogpt_hf.cli import sample_main

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import warm_run
+from warm import warm_run
 from nanogpt_hf import tokenization
 from nanogpt_hf.common import UserError
 from nanogpt_hf.tokenization import (

@@ -7,6 +7,7 @@ import math
 import os
 import runpy
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +17,8 @@ import yaml
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from conftest import InBackground, cpu_processes_env, free_port, run_group, warm_run
+from conftest import InBackground, cpu_processes_env, free_port, run_group
+from warm import warm_run
 from nanogpt_hf import NanoGPTForCausalLM
 from nanogpt_hf.cli import train_main
 from nanogpt_hf.data import PrepareSettings, open_dataset, prepare, sample_batch
@@ -416,7 +418,7 @@ for _ in range(3):
     rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 print(min(rounds))
 """
-    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # fresh: no forked heap
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.split()[-1]) < 100  # page faults per step
 
@@ -648,12 +650,12 @@ def test_cpu_peak_is_one_threads_times_the_threads_and_leaves_threads_and_rng_al
 
     timed_on = []  # the threads torch had while the matmul was timed; the timings fixed (a shared machine's vary)
 
-    def repeat(fn, number, repeat):
+    def fixed_timings(fn, number, repeat):
         timed_on.append(torch.get_num_threads())
         fn()
         return [0.5, 0.25, 1.0]
 
-    monkeypatch.setattr(hardware.timeit, "repeat", repeat)
+    monkeypatch.setattr(hardware.timeit, "repeat", fixed_timings)
     before = torch.get_num_threads()  # the suite runs on one thread (conftest): two here, for a product that can fail
     torch.set_num_threads(threads := 2)
     try:
