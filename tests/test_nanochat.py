@@ -112,7 +112,7 @@ tok = AutoTokenizer.from_pretrained({str(out)!r})
 assert tok.decode(tok.encode({TEXT!r})) == {TEXT!r}
 print("OK", type(m).__name__)
 """
-    res = warm_run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+    res = warm_run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                    env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
     assert res.returncode == 0 and "OK NanoChatForCausalLM" in res.stdout, res.stderr
 
