@@ -1,7 +1,7 @@
 """`python ...` commands of the tests, forked from a warm interpreter instead of started from nothing.
 
 A command spends ~5 s importing torch, transformers and accelerate before its first line of work, and the suite runs
-~60 of them. multiprocessing's forkserver imports those once (per pytest worker); each command is a fork of it, so it
+~45 of them. multiprocessing's forkserver imports those once (per pytest worker); each command is a fork of it, so it
 starts in well under a second. The child is still a process of its own, with its own session, cwd, environment,
 arguments, pipes, signals and exit status, as subprocess.Popen reports them. It imports our package, datasets and the
 rest itself, so their import-time settings (a log file's progress bars) still apply. Where the interpreter's own
@@ -80,6 +80,7 @@ def _child(cmd: list[str], cwd: str | None, env: dict, fds: list[int]) -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:  # as the interpreter: ended by the signal
+        sys.stdout.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
