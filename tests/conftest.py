@@ -14,9 +14,12 @@ if "torch" in sys.modules:  # imported by a plugin before this file: the variabl
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Each pytest-xdist worker its own copy of checkpoints' model code (transformers copies it per folder name, unlocked)
 if "PYTEST_XDIST_WORKER" in os.environ and "HF_MODULES_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf_modules_{os.environ['PYTEST_XDIST_WORKER']}_")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 from warm import warm_popen  # noqa: E402  (after the settings above: its forkserver starts with them)
 
